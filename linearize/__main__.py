@@ -1,0 +1,32 @@
+"""Entry point: ``python -m linearize stage=STAGE model=MODEL attention=ATTENTION [key=value]``.
+
+Validates the composed config, then hands it to the stage it names. Nothing else.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from linearize.config import register_configs, validate
+from linearize.log import get_logger
+from linearize.stages import run_stage
+
+log = get_logger("linearize")
+register_configs()
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        config = validate(cfg)
+    except Exception as err:  # omegaconf and __post_init__ errors: the message is the fix
+        log.error("invalid config: %s", err)
+        sys.exit(2)
+    run_stage(config, cfg)
+
+
+if __name__ == "__main__":
+    main()

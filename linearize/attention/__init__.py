@@ -1,0 +1,1 @@
+"""The attention zoo: pure PyTorch modules, no training code."""

@@ -1,0 +1,285 @@
+"""Typed config schemas, registered in Hydra's ConfigStore and checked when built.
+
+Every yaml file under ``configs/`` is merged onto one of these dataclasses, so a key that does
+not exist or a value of the wrong type fails while Hydra composes the config. Value checks that
+need more than a type (ranges, names, combinations) live in each ``__post_init__`` and run in
+:func:`validate`, which turns the composed ``DictConfig`` into these objects before any model
+or data is touched.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+STAGES = ("prepare", "transfer", "finetune", "uptrain", "eval", "generate", "all")
+FAMILIES = ("llama", "mistral", "qwen2")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_KINDS = ("softmax", "linear", "window", "gated")
+FEATURE_MAPS = ("hedgehog", "t2r", "elu", "relu", "identity", "softmax")
+DATA_FORMATS = ("alpaca", "text")
+WANDB_MODES = ("disabled", "offline", "online")
+SCHEDULERS = ("plateau", "cosine", "constant")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(choices)}.{hint}")
+
+
+def _positive(key: str, value: float | int | None, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{key}={value} must be {bound}; set it on the command line, e.g. {key}=1")
+
+
+@dataclass
+class ModelConfig:
+    """The teacher: where its weights come from and how to hold them."""
+
+    name: str = MISSING
+    """Short name used in run directories and reports."""
+    path: Optional[str] = None
+    """Hub id, local HF directory, a ``.gguf`` file, or ``pkg://<package>/<file>`` for a file
+    shipped inside an installed Python package. ``None`` only with ``init=random``."""
+    init: str = "pretrained"
+    """``pretrained`` loads ``path``; ``random`` builds ``family`` from ``architecture``."""
+    family: str = "llama"
+    """Model family (transformers ``model_type``); decides how attention modules are found."""
+    architecture: dict[str, Any] = field(default_factory=dict)
+    """HF config fields for ``init=random`` (hidden_size, num_hidden_layers, …)."""
+    tokenizer: Optional[str] = None
+    """Where the tokenizer comes from (same forms as ``path``); defaults to ``path``."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) for hub ids."""
+    dtype: str = "float32"
+    """Dtype the teacher is held in."""
+
+    def __post_init__(self) -> None:
+        _choice("model.init", self.init, ("pretrained", "random"))
+        _choice("model.family", self.family, FAMILIES)
+        _choice("model.dtype", self.dtype, DTYPES)
+        if self.init == "pretrained" and not self.path:
+            raise ValueError(
+                f"model.path is empty for model '{self.name}' with init=pretrained; "
+                "give a hub id, a local directory or a .gguf file"
+            )
+        if self.init == "random" and not self.architecture:
+            raise ValueError(f"model '{self.name}' has init=random but no model.architecture")
+        if self.init == "random" and not (self.tokenizer or self.path):
+            raise ValueError(f"model '{self.name}' has init=random but no model.tokenizer")
+
+
+@dataclass
+class AttentionConfig:
+    """What replaces softmax attention in each layer."""
+
+    name: str = MISSING
+    kind: str = "softmax"
+    """``softmax`` (teacher, no swap), ``linear``, ``window`` (LoLCATs hybrid), ``gated`` (Liger)."""
+    feature_map: str = "identity"
+    """Feature map applied to queries and keys (one registry); unused for ``softmax``."""
+    feature_dim: int = 64
+    """Output width of learned feature maps, per half for hedgehog's [Wx, -Wx]."""
+    window: int = 0
+    """Sliding-window size of exact softmax (``window`` and ``gated`` hybrids); 0 = none."""
+    window_factor_init: float = -2.197
+    """Initial logit of the learned per-head softmax/linear mixing factor (sigmoid⁻¹(0.1))."""
+    mix: float = 0.5
+    """Weight of the gated output in the Liger hybrid (the window gets 1 - mix)."""
+    gate_normalizer: float = 16.0
+    """Liger's gate logit normalizer: log-decay = logsigmoid(gate) / gate_normalizer."""
+    chunk_size: int = 64
+    """Chunk length of the chunked (training/prefill) form."""
+    keep_softmax: int = 0
+    """After transfer, return this many worst layers (by validation MSE) to softmax."""
+    layers: Optional[list[int]] = None
+    """Indices of layers to swap; ``None`` swaps every layer."""
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _choice("attention.kind", self.kind, ATTENTION_KINDS)
+        _choice("attention.feature_map", self.feature_map, FEATURE_MAPS)
+        _positive("attention.feature_dim", self.feature_dim)
+        _positive("attention.window", self.window, allow_zero=True)
+        _positive("attention.chunk_size", self.chunk_size)
+        _positive("attention.keep_softmax", self.keep_softmax, allow_zero=True)
+        _positive("attention.gate_normalizer", self.gate_normalizer)
+        _positive("attention.eps", self.eps)
+        if not 0.0 <= self.mix <= 1.0:
+            raise ValueError(f"attention.mix={self.mix} must lie in [0, 1]")
+        if self.kind == "window" and self.window < 1:
+            raise ValueError(
+                f"attention '{self.name}' is a window hybrid but attention.window={self.window}; "
+                "set attention.window to a positive size such as 64"
+            )
+        if self.layers is not None and any(i < 0 for i in self.layers):
+            raise ValueError(f"attention.layers={self.layers} holds a negative layer index")
+
+
+@dataclass
+class DataConfig:
+    """Training data: where it lives, how it is templated, tokenized, packed and split."""
+
+    name: str = MISSING
+    format: str = "alpaca"
+    """``alpaca`` (instruction, input, output records) or ``text`` (plain text)."""
+    hub: Optional[str] = None
+    """Hub dataset id, used when ``files`` is empty."""
+    hub_split: str = "train"
+    files: list[str] = field(default_factory=list)
+    """Local files (.json, .jsonl, .txt); relative paths are read under ``data_dir``."""
+    text_field: str = "text"
+    """Field holding the text in .json/.jsonl files of ``format=text``."""
+    seq_len: int = 1024
+    """Packed sequence length in tokens."""
+    val_fraction: float = 0.02
+    """Share of examples held out for validation (split before packing)."""
+    max_examples: Optional[int] = None
+    """Use only this many examples (after the seeded shuffle); ``None`` uses all."""
+    mask_prompt: bool = True
+    """Exclude instruction tokens from the next-token loss (labels = -100)."""
+    add_eos: bool = True
+    """Append the tokenizer's EOS token after each example before packing."""
+
+    def __post_init__(self) -> None:
+        _choice("data.format", self.format, DATA_FORMATS)
+        _positive("data.seq_len", self.seq_len)
+        _positive("data.max_examples", self.max_examples)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={self.val_fraction} must lie in (0, 1)")
+        if not self.files and not self.hub:
+            raise ValueError(f"data '{self.name}' names neither data.files nor data.hub")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every training stage (each stage yaml sets its own)."""
+
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    batch_size: int = 1
+    grad_accum: int = 8
+    epochs: float = 2.0
+    """Upper bound on passes over the training data."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (``None``: the epoch cap decides)."""
+    max_grad_norm: float = 1.0
+    scheduler: str = "plateau"
+    plateau_factor: float = 0.1
+    plateau_patience: int = 10
+    eval_every: int = 100
+    """Optimizer steps between validation passes (and checkpoints)."""
+    eval_batches: Optional[int] = None
+    """Validation batches per pass (``None``: the whole validation split)."""
+    early_stop_patience: Optional[int] = None
+    """Stop after this many validations without improvement (``None``: never)."""
+
+    def __post_init__(self) -> None:
+        _positive("train.lr", self.lr)
+        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("train.batch_size", self.batch_size)
+        _positive("train.grad_accum", self.grad_accum)
+        _positive("train.epochs", self.epochs)
+        _positive("train.max_steps", self.max_steps)
+        _positive("train.max_grad_norm", self.max_grad_norm)
+        _choice("train.scheduler", self.scheduler, SCHEDULERS)
+        _positive("train.eval_every", self.eval_every)
+        _positive("train.eval_batches", self.eval_batches)
+        _positive("train.early_stop_patience", self.early_stop_patience)
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy"])
+    limit: Optional[int] = None
+    """Score only the first ``limit`` items of each task (quick runs)."""
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _positive("eval.limit", self.limit)
+        _positive("eval.batch_size", self.batch_size)
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    """0 decodes greedily."""
+    interactive: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("generate.max_new_tokens", self.max_new_tokens)
+        _positive("generate.temperature", self.temperature, allow_zero=True)
+
+
+@dataclass
+class RunConfig:
+    dir: str = MISSING
+    """Run directory: resolved config, logs, checkpoints and reports are written here."""
+    seed: int = 0
+    resume: bool = False
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _choice("run.device", self.device, DEVICES)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "disabled"
+    """wandb mode; ``disabled`` needs no network and no account."""
+    project: str = "linearize"
+    level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        _choice("logging.wandb", self.wandb, WANDB_MODES)
+        _choice("logging.level", self.level, ("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+@dataclass
+class Config:
+    """The whole run. ``stage`` is set by the ``stage`` config group."""
+
+    stage: str = MISSING
+    model: ModelConfig = MISSING
+    attention: AttentionConfig = MISSING
+    data: DataConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    data_dir: str = "./data"
+    """Where local copies of data sets live (env ``LINEARIZE_DATA``)."""
+    cache_dir: str = "~/.cache/linearize"
+    """Where converted teachers (GGUF → safetensors) are cached (env ``LINEARIZE_CACHE``)."""
+    prompt: Optional[str] = None
+    """Prompt for ``stage=generate``."""
+
+    def __post_init__(self) -> None:
+        _choice("stage", self.stage, STAGES)
+
+
+def register_configs() -> None:
+    """Register the root schema; group yamls merge onto its typed fields (model, attention, …)."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Build the typed config, running every ``__post_init__`` check.
+
+    Raises:
+        ValueError: naming the bad key, its value and the fix.
+    """
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]

@@ -1,0 +1,1 @@
+"""Teacher loading, attention swap and converted-model I/O."""

@@ -1,0 +1,1 @@
+"""The attention math. Only this module chooses an implementation (reference or Triton)."""
