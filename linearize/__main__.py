@@ -12,7 +12,6 @@ from omegaconf import DictConfig
 
 from linearize.config import register_configs, validate
 from linearize.log import get_logger
-from linearize.stages import run_stage
 
 log = get_logger("linearize")
 register_configs()
@@ -20,10 +19,14 @@ register_configs()
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
+    # Imported here so that `--help` and config errors answer without loading torch.
+    from linearize.stages import preflight, run_stage
+
     try:
         config = validate(cfg)
-    except Exception as err:  # omegaconf and __post_init__ errors: the message is the fix
-        log.error("invalid config: %s", err)
+        preflight(config)
+    except Exception as err:  # config, path and data-file errors: the message is the fix
+        log.error("%s: %s", type(err).__name__, err)
         sys.exit(2)
     run_stage(config, cfg)
 

@@ -158,7 +158,10 @@ class DataConfig:
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={self.val_fraction} must lie in (0, 1)")
         if not self.files and not self.hub:
-            raise ValueError(f"data '{self.name}' names neither data.files nor data.hub")
+            raise ValueError(
+                f"data '{self.name}' names neither data.files nor data.hub; "
+                "set e.g. 'data.files=[corpus/train.txt]' (paths under data_dir)"
+            )
 
 
 @dataclass

@@ -12,7 +12,13 @@ from transformers import PreTrainedModel
 from linearize.config import Config
 from linearize.data import PackedData, local_files, prepare_data
 from linearize.log import get_logger, process_rank
-from linearize.models.load import describe, load_teacher, load_tokenizer, resolve_device
+from linearize.models.load import (
+    describe,
+    load_teacher,
+    load_tokenizer,
+    resolve_device,
+    resolve_source,
+)
 
 log = get_logger(__name__)
 
@@ -39,16 +45,26 @@ def write_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
     return path
 
 
-def prepare(config: Config, cfg: DictConfig) -> Prepared:
-    """Write the resolved config, then check data files, tokenize the data, load the teacher.
+def preflight(config: Config) -> None:
+    """Checks that need no model: teacher and tokenizer locations, the device, data files.
 
-    Data problems surface before the (slow) model load.
+    Raises:
+        FileNotFoundError, ValueError, RuntimeError: naming the bad value and the fix.
     """
+    for spec in (config.model.path, config.model.tokenizer):
+        if spec:
+            resolve_source(spec)
+    resolve_device(config.run.device)
+    if config.stage in TRAINING_STAGES and config.data.files:
+        local_files(config.data, config.data_dir)
+
+
+def prepare(config: Config, cfg: DictConfig) -> Prepared:
+    """Write the resolved config, tokenize the data, load the teacher (data first: it is cheaper
+    and a bad data set should fail before the slow model load)."""
     run_dir = Path(config.run.dir)
     log.info("run dir %s (config: %s)", run_dir, write_resolved_config(cfg, run_dir))
     needs_data = config.stage in TRAINING_STAGES
-    if needs_data and config.data.files:
-        local_files(config.data, config.data_dir)
     tokenizer = load_tokenizer(config.model, config.cache_dir)
     data = prepare_data(config.data, tokenizer, config.data_dir, config.run.seed) if needs_data else None
     device = resolve_device(config.run.device)

@@ -1,0 +1,498 @@
+"""Pure-PyTorch reference forms of every attention the package uses: the numerical oracle.
+
+Layout: every tensor is (B, H, T, D) — batch, heads, time, feature — as transformers' attention
+interface hands q over. Feature-mapped queries and keys are (B, H, T, F). Gates are (B, H, T, F)
+per key feature or (B, H, T) per head.
+
+GQA: k, v, fk and g may carry H_kv heads with H % H_kv == 0. Every op expands them to H with
+`expand_kv` (query head h reads kv head h // (H // H_kv), as transformers' `repeat_kv`), so
+recurrent states are kept per query head.
+
+Precision: everything is computed in fp32 (bf16/fp16/fp32 inputs are upcast), or in fp64 when v
+is fp64 so the oracle can be checked against itself without rounding noise. Outputs come back in
+v's dtype; states stay in the compute dtype.
+
+Every op is causal (query i sees keys j <= i) and differentiable by autograd, states included.
+Each family has three forms that must agree: `*_quadratic` (the T x T matrix, the definition),
+`*_chunked` (intra-chunk quadratic + inter-chunk state; T need not divide by chunk_size) and
+`*_step` (one token of the recurrence). A chunked call with `output_final_state=True` returns a
+state that a later chunked call or a step loop continues from.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GatedState", "LinearState", "WindowState", "expand_kv", "softmax_attn",
+    "linear_attn_quadratic", "linear_attn_chunked", "linear_attn_step",
+    "window_attn_quadratic", "window_attn_chunked", "window_attn_step",
+    "gated_attn_quadratic", "gated_attn_chunked", "gated_attn_step",
+]  # fmt: skip
+
+
+class LinearState(NamedTuple):
+    """State of normalized linear attention after t tokens (compute dtype).
+
+    Attributes:
+        S: (B, H, F, D) sum over seen tokens of k_j^T v_j (k already feature-mapped).
+        z: (B, H, F) sum over seen tokens of k_j, for the normalizer.
+    """
+
+    S: Tensor
+    z: Tensor
+
+
+class WindowState(NamedTuple):
+    """State of the window hybrid after t tokens (compute dtype): exactly what query t needs.
+
+    The cache holds the keys inside query t's window other than its own, positions
+    t - window + 1 .. t - 1 (W' <= window - 1 of them; none when window == 1). S and z hold every
+    earlier key (positions <= t - window); a key enters them when it leaves the cache.
+
+    Attributes:
+        S: (B, H, F, D) sum of fk_j^T v_j over keys that left the window.
+        z: (B, H, F) sum of fk_j over keys that left the window.
+        k: (B, H, W', Dk) raw (rotary-applied) keys in the window cache, oldest first.
+        v: (B, H, W', D) their values.
+        fk: (B, H, W', F) their feature-mapped keys, needed when they leave the window.
+    """
+
+    S: Tensor
+    z: Tensor
+    k: Tensor
+    v: Tensor
+    fk: Tensor
+
+
+class GatedState(NamedTuple):
+    """State of gated linear attention after t tokens (compute dtype).
+
+    Attributes:
+        S: (B, H, F, D) decayed sum of k_j^T v_j.
+    """
+
+    S: Tensor
+
+
+def expand_kv(x: Tensor, n_heads: int) -> Tensor:
+    """Repeat kv heads to the query head count (GQA), as transformers' `repeat_kv` does.
+
+    Args:
+        x: (B, H_kv, T, ...) keys, values, feature keys or gates.
+        n_heads: H, the query head count; a multiple of H_kv.
+    Returns:
+        (B, H, T, ...) where query head h holds kv head h // (H // H_kv); x itself if H_kv == H.
+    """
+    n_kv = x.shape[1]
+    if n_kv < 1 or n_heads % n_kv != 0:
+        raise ValueError(f"query heads ({n_heads}) must be a multiple of kv heads ({n_kv})")
+    return x if n_kv == n_heads else x.repeat_interleave(n_heads // n_kv, dim=1)
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str] = ("q", "k", "v")) -> None:
+    """Raise ValueError unless q (B, H, T, F), k (B, H_kv, T, F), v (B, H_kv, T, D) fit together."""
+    for name, x in zip(names, (q, k, v)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be (B, H, T, D), got shape {tuple(x.shape)}")
+    nq, nk, nv = names
+    if not q.shape[0] == k.shape[0] == v.shape[0]:
+        raise ValueError(f"batch sizes differ: {nq} {q.shape[0]}, {nk} {k.shape[0]}, {nv} {v.shape[0]}")
+    if not q.shape[2] == k.shape[2] == v.shape[2]:
+        raise ValueError(
+            f"sequence lengths differ: {nq} T={q.shape[2]}, {nk} T={k.shape[2]}, {nv} T={v.shape[2]}"
+        )
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"feature dims differ: {nq} {q.shape[3]}, {nk} {k.shape[3]}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"head counts differ: {nk} {k.shape[1]}, {nv} {v.shape[1]}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{nq} has {q.shape[1]} heads, not a multiple of the {k.shape[1]} heads of {nk}")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_one_token(q: Tensor) -> None:
+    if q.shape[2] != 1:
+        raise ValueError(f"a step takes one token, got T={q.shape[2]}; use the chunked form")
+
+
+def _check_shape(name: str, x: Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {shape}")
+
+
+def _up(n_heads: int, v: Tensor, *xs: Tensor) -> list[Tensor]:
+    """Cast xs to the compute dtype (fp32, or fp64 when v is fp64) and expand them to n_heads."""
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    return [expand_kv(x.to(dtype), n_heads) for x in xs]
+
+
+def _distance(n_q: int, n_k: int, offset: int, device: torch.device) -> Tensor:
+    """(n_q, n_k) positions from key j to query i, when query i sits at key index i + offset."""
+    return torch.arange(n_q, device=device)[:, None] + offset - torch.arange(n_k, device=device)[None, :]
+
+
+def _linear_state(state: LinearState | None, q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    b, h, _, f = q.shape
+    d = v.shape[-1]
+    if state is None:
+        return q.new_zeros(b, h, f, d), q.new_zeros(b, h, f)
+    _check_shape("state.S", state.S, (b, h, f, d))
+    _check_shape("state.z", state.z, (b, h, f))
+    return state.S.to(q.dtype), state.z.to(q.dtype)
+
+
+def linear_attn_quadratic(q: Tensor, k: Tensor, v: Tensor, *, normalize: bool = True, eps: float = 1e-6) -> Tensor:
+    """Causal linear attention as a masked T x T matrix.
+
+    y_i = sum_{j<=i} (q_i.k_j) v_j / (sum_{j<=i} q_i.k_j + eps); no division if not normalize.
+
+    Args:
+        q: (B, H, T, F) feature-mapped, non-negative queries.
+        k: (B, H_kv, T, F) feature-mapped, non-negative keys.
+        v: (B, H_kv, T, D) values.
+    Returns:
+        y: (B, H, T, D) in v's dtype.
+    """
+    _check_qkv(q, k, v)
+    dtype, h, t = v.dtype, q.shape[1], q.shape[2]
+    q, k, v = _up(h, v, q, k, v)
+    a = (q @ k.mT).masked_fill(_distance(t, t, 0, q.device) < 0, 0.0)  # (B, H, T, T)
+    y = a @ v
+    if normalize:
+        y = y / (a.sum(-1, keepdim=True) + eps)
+    return y.to(dtype)
+
+
+def linear_attn_chunked(
+    q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int = 64, normalize: bool = True, eps: float = 1e-6,
+    initial_state: LinearState | None = None, output_final_state: bool = False,
+) -> Tensor | tuple[Tensor, LinearState]:  # fmt: skip
+    """Causal linear attention chunk by chunk: masked quadratic inside, state (S, z) across.
+
+    Args: as `linear_attn_quadratic`, plus
+        chunk_size: tokens per chunk (>= 1); the last chunk may be shorter.
+        initial_state: state after the tokens preceding q (None: no history).
+        output_final_state: also return the state after the last token.
+    Returns:
+        y: (B, H, T, D) in v's dtype, and the final `LinearState` if output_final_state.
+    """
+    _check_qkv(q, k, v)
+    _check_positive("chunk_size", chunk_size)
+    dtype, h, t = v.dtype, q.shape[1], q.shape[2]
+    q, k, v = _up(h, v, q, k, v)
+    s_, z = _linear_state(initial_state, q, v)
+    ys = []
+    for start in range(0, t, chunk_size):
+        qc, kc, vc = (x[:, :, start : start + chunk_size] for x in (q, k, v))  # (B, H, c, .)
+        c = qc.shape[2]
+        a = (qc @ kc.mT).masked_fill(_distance(c, c, 0, q.device) < 0, 0.0)  # (B, H, c, c)
+        y = qc @ s_ + a @ vc  # (B, H, c, D)
+        if normalize:
+            y = y / (qc @ z.unsqueeze(-1) + a.sum(-1, keepdim=True) + eps)
+        ys.append(y)
+        s_ = s_ + kc.mT @ vc
+        z = z + kc.sum(2)
+    y = torch.cat(ys, 2).to(dtype)
+    return (y, LinearState(s_, z)) if output_final_state else y
+
+
+def linear_attn_step(
+    q: Tensor, k: Tensor, v: Tensor, state: LinearState | None = None, *, normalize: bool = True, eps: float = 1e-6
+) -> tuple[Tensor, LinearState]:
+    """One token of causal linear attention: S += k^T v, z += k, then y = q S / (q z + eps).
+
+    Args:
+        q: (B, H, 1, F); k: (B, H_kv, 1, F); v: (B, H_kv, 1, D).
+        state: state before this token (None: zeros).
+    Returns:
+        y: (B, H, 1, D) in v's dtype, and the state after this token.
+    """
+    _check_qkv(q, k, v)
+    _check_one_token(q)
+    dtype, h = v.dtype, q.shape[1]
+    q, k, v = _up(h, v, q, k, v)
+    s_, z = _linear_state(state, q, v)
+    s_ = s_ + k.mT @ v  # (B, H, F, D)
+    z = z + k[:, :, 0]
+    y = q @ s_
+    if normalize:
+        y = y / (q @ z.unsqueeze(-1) + eps)
+    return y.to(dtype), LinearState(s_, z)
+
+
+def _check_window(q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, window: int) -> None:
+    _check_qkv(q, k, v)
+    _check_qkv(fq, fk, v, names=("fq", "fk", "v"))
+    _check_positive("window", window)
+    if fq.shape[1] != q.shape[1] or fk.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"fq/fk heads ({fq.shape[1]}/{fk.shape[1]}) differ from q/k heads ({q.shape[1]}/{k.shape[1]})"
+        )
+
+
+def _mix_factor(window_factor: Tensor, n_heads: int, dtype: torch.dtype) -> Tensor:
+    if not isinstance(window_factor, Tensor) or tuple(window_factor.shape) != (n_heads,):
+        got = tuple(window_factor.shape) if isinstance(window_factor, Tensor) else window_factor
+        raise ValueError(f"window_factor must be a tensor of shape ({n_heads},), got {got!r}")
+    return window_factor.to(dtype).view(1, n_heads, 1, 1)
+
+
+def _window_state(state: WindowState | None, q: Tensor, v: Tensor, fq: Tensor, window: int) -> list[Tensor]:
+    """Check a window state (or make the empty one) and return its fields in the compute dtype."""
+    b, h, _, dk = q.shape
+    f, d = fq.shape[-1], v.shape[-1]
+    w = 0 if state is None else state.k.shape[2]
+    shapes = ((b, h, f, d), (b, h, f), (b, h, w, dk), (b, h, w, d), (b, h, w, f))
+    if state is None:
+        return [q.new_zeros(shape) for shape in shapes]
+    if w > window - 1:
+        raise ValueError(f"state caches {w} keys but window={window} keeps at most {window - 1}")
+    for name, x, shape in zip(WindowState._fields, state, shapes):
+        _check_shape(f"state.{name}", x, shape)
+    return [x.to(q.dtype) for x in state]
+
+
+def window_attn_quadratic(
+    q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, *,
+    window: int, window_factor: Tensor, scale: float, eps: float = 1e-6,
+) -> Tensor:  # fmt: skip
+    """LoLCATs hybrid as T x T matrices: softmax over the last `window` keys, linear beyond.
+
+    With s_ij = scale q_i.k_j and m_i its max over the window (i - window < j <= i):
+    y_i = (f sum_win e^(s_ij - m_i) v_j + (1-f) sum_{j<=i-window} (fq_i.fk_j) v_j)
+          / (f sum_win e^(s_ij - m_i) + (1-f) sum_{j<=i-window} fq_i.fk_j + eps).
+    The linear terms are not rescaled by e^(-m_i), as in LoLCATs; every form uses the same m_i.
+
+    Args:
+        q: (B, H, T, Dk) raw (rotary-applied) queries; k: (B, H_kv, T, Dk) raw keys.
+        v: (B, H_kv, T, D) values.
+        fq: (B, H, T, F) feature-mapped queries; fk: (B, H_kv, T, F) feature-mapped keys.
+        window: softmax keys per query, the current one included (>= 1).
+        window_factor: (H,) f in (0, 1), the softmax share per head.
+        scale: softmax logit scale, usually Dk ** -0.5.
+    Returns:
+        y: (B, H, T, D) in v's dtype.
+    """
+    _check_window(q, k, v, fq, fk, window)
+    dtype, h, t = v.dtype, q.shape[1], q.shape[2]
+    q, fq, k, v, fk = _up(h, v, q, fq, k, v, fk)
+    f = _mix_factor(window_factor, h, q.dtype)
+    dist = _distance(t, t, 0, q.device)  # (T, T)
+    s = (q @ k.mT * scale).masked_fill((dist < 0) | (dist >= window), float("-inf"))
+    a_sm = torch.exp(s - s.amax(-1, keepdim=True))  # (B, H, T, T), 0 outside the window
+    a_ln = (fq @ fk.mT).masked_fill(dist < window, 0.0)  # (B, H, T, T)
+    num = f * (a_sm @ v) + (1 - f) * (a_ln @ v)
+    den = f * a_sm.sum(-1, keepdim=True) + (1 - f) * a_ln.sum(-1, keepdim=True)
+    return (num / (den + eps)).to(dtype)
+
+
+def window_attn_chunked(
+    q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, *,
+    window: int, window_factor: Tensor, scale: float, chunk_size: int = 64, eps: float = 1e-6,
+    initial_state: WindowState | None = None, output_final_state: bool = False,
+) -> Tensor | tuple[Tensor, WindowState]:  # fmt: skip
+    """LoLCATs hybrid chunk by chunk, for any window vs chunk_size.
+
+    Each chunk attends to [window cache, chunk keys] under masks by position distance, and to
+    (S, z) for keys older than the cache; keys that leave every later window then enter (S, z).
+
+    Args: as `window_attn_quadratic`, plus
+        chunk_size: tokens per chunk (>= 1); the last chunk may be shorter.
+        initial_state: state after the tokens preceding q (None: no history).
+        output_final_state: also return the state after the last token.
+    Returns:
+        y: (B, H, T, D) in v's dtype, and the final `WindowState` if output_final_state.
+    """
+    _check_window(q, k, v, fq, fk, window)
+    _check_positive("chunk_size", chunk_size)
+    dtype, h, t = v.dtype, q.shape[1], q.shape[2]
+    q, fq, k, v, fk = _up(h, v, q, fq, k, v, fk)
+    f = _mix_factor(window_factor, h, q.dtype)
+    s_, z, kw, vw, fkw = _window_state(initial_state, q, v, fq, window)
+    ys = []
+    for start in range(0, t, chunk_size):
+        end = min(start + chunk_size, t)
+        p, c = kw.shape[2], end - start
+        kx, vx, fkx = (torch.cat([w, x[:, :, start:end]], 2) for w, x in ((kw, k), (vw, v), (fkw, fk)))
+        qc, fqc = q[:, :, start:end], fq[:, :, start:end]  # (B, H, c, .) against keys (B, H, p+c, .)
+        dist = _distance(c, p + c, p, q.device)  # the cache's p keys come right before the chunk
+        sc = (qc @ kx.mT * scale).masked_fill((dist < 0) | (dist >= window), float("-inf"))
+        a_sm = torch.exp(sc - sc.amax(-1, keepdim=True))  # (B, H, c, p+c)
+        a_ln = (fqc @ fkx.mT).masked_fill(dist < window, 0.0)  # (B, H, c, p+c)
+        num = f * (a_sm @ vx) + (1 - f) * (fqc @ s_ + a_ln @ vx)
+        den = f * a_sm.sum(-1, keepdim=True) + (1 - f) * (fqc @ z.unsqueeze(-1) + a_ln.sum(-1, keepdim=True))
+        ys.append(num / (den + eps))
+        n_out = max(p + c - (window - 1), 0)  # keys outside the window of query `end` and later
+        s_ = s_ + fkx[:, :, :n_out].mT @ vx[:, :, :n_out]
+        z = z + fkx[:, :, :n_out].sum(2)
+        kw, vw, fkw = kx[:, :, n_out:], vx[:, :, n_out:], fkx[:, :, n_out:]
+    y = torch.cat(ys, 2).to(dtype)
+    return (y, WindowState(s_, z, kw, vw, fkw)) if output_final_state else y
+
+
+def window_attn_step(
+    q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, state: WindowState | None = None, *,
+    window: int, window_factor: Tensor, scale: float, eps: float = 1e-6,
+) -> tuple[Tensor, WindowState]:  # fmt: skip
+    """One token of the LoLCATs hybrid: softmax over cache + itself, linear over (S, z).
+
+    Args:
+        q: (B, H, 1, Dk); k: (B, H_kv, 1, Dk); v: (B, H_kv, 1, D);
+        fq: (B, H, 1, F); fk: (B, H_kv, 1, F); the rest as `window_attn_quadratic`.
+        state: state before this token (None: empty cache, zero S and z).
+    Returns:
+        y: (B, H, 1, D) in v's dtype, and the state after this token.
+    """
+    _check_window(q, k, v, fq, fk, window)
+    _check_one_token(q)
+    dtype, h = v.dtype, q.shape[1]
+    q, fq, k, v, fk = _up(h, v, q, fq, k, v, fk)
+    f = _mix_factor(window_factor, h, q.dtype)
+    s_, z, kw, vw, fkw = _window_state(state, q, v, fq, window)
+    kx, vx, fkx = torch.cat([kw, k], 2), torch.cat([vw, v], 2), torch.cat([fkw, fk], 2)  # (B, H, W'+1, .)
+    s = q @ kx.mT * scale  # (B, H, 1, W'+1): every cached key is inside this query's window
+    a_sm = torch.exp(s - s.amax(-1, keepdim=True))
+    num = f * (a_sm @ vx) + (1 - f) * (fq @ s_)
+    den = f * a_sm.sum(-1, keepdim=True) + (1 - f) * (fq @ z.unsqueeze(-1))
+    n_out = max(kx.shape[2] - (window - 1), 0)  # the oldest key leaves once the cache is full
+    s_ = s_ + fkx[:, :, :n_out].mT @ vx[:, :, :n_out]
+    z = z + fkx[:, :, :n_out].sum(2)
+    return (num / (den + eps)).to(dtype), WindowState(s_, z, kx[:, :, n_out:], vx[:, :, n_out:], fkx[:, :, n_out:])
+
+
+def _gate(g: Tensor, k: Tensor, v: Tensor, n_heads: int) -> Tensor:
+    """Check g against k; return it in the compute dtype as (B, H, T, F) or (B, H, T, 1)."""
+    per_feature, per_head = tuple(k.shape), tuple(k.shape[:3])
+    if tuple(g.shape) not in (per_feature, per_head):
+        raise ValueError(
+            f"g has shape {tuple(g.shape)}, expected {per_feature} (per key feature) or {per_head} (per head)"
+        )
+    return _up(n_heads, v, g if g.dim() == 4 else g.unsqueeze(-1))[0]
+
+
+def _gated_state(state: GatedState | None, q: Tensor, v: Tensor) -> Tensor:
+    shape = (*q.shape[:2], q.shape[-1], v.shape[-1])  # (B, H, F, D)
+    if state is None:
+        return q.new_zeros(shape)
+    _check_shape("state.S", state.S, shape)
+    return state.S.to(q.dtype)
+
+
+def _decay_matrix(cum: Tensor, causal: Tensor) -> Tensor:
+    """exp(G_i - G_j) where j <= i, else 0.
+
+    Args:
+        cum: (B, H, c, F|1) cumulative log decay G over time.
+        causal: (c, c) bool, True where j <= i.
+    Returns:
+        (B, H, c, c, F|1). Exponents are masked to -inf where j > i before exp, so the positive
+        ones there never overflow.
+    """
+    diff = cum[:, :, :, None] - cum[:, :, None, :]  # (B, H, c, c, F|1): sum of g over (j, i]
+    return diff.masked_fill(~causal[:, :, None], float("-inf")).exp()
+
+
+def gated_attn_quadratic(q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: float = 1.0) -> Tensor:
+    """Gated linear attention (GLA, Liger; SUPRA with a constant gate) as a T x T sum.
+
+    y_i = scale sum_{j<=i} (sum_f q_if k_jf exp(G_if - G_jf)) v_j with G = cumsum of g over time:
+    the same as S_t = diag(exp g_t) S_{t-1} + k_t^T v_t, y_t = scale q_t S_t. No normalizer.
+    Memory is O(T^2 F): an oracle for test sizes.
+
+    Args:
+        q: (B, H, T, F); k: (B, H_kv, T, F); v: (B, H_kv, T, D).
+        g: (B, H_kv, T, F) per-feature or (B, H_kv, T) per-head log decay (<= 0).
+        scale: output scale.
+    Returns:
+        y: (B, H, T, D) in v's dtype.
+    """
+    _check_qkv(q, k, v)
+    dtype, h, t = v.dtype, q.shape[1], q.shape[2]
+    g = _gate(g, k, v, h)
+    q, k, v = _up(h, v, q, k, v)
+    decay = _decay_matrix(g.cumsum(2), _distance(t, t, 0, q.device) >= 0)
+    a = (q[:, :, :, None] * k[:, :, None] * decay).sum(-1)  # (B, H, T, T)
+    return (scale * (a @ v)).to(dtype)
+
+
+def gated_attn_chunked(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: float = 1.0, chunk_size: int = 64,
+    initial_state: GatedState | None = None, output_final_state: bool = False,
+) -> Tensor | tuple[Tensor, GatedState]:  # fmt: skip
+    """Gated linear attention chunk by chunk, gates cumulated from each chunk's start.
+
+    Every exponent used is a sum of g over a span (<= 0), so nothing overflows.
+
+    Args: as `gated_attn_quadratic`, plus
+        chunk_size: tokens per chunk (>= 1); the last chunk may be shorter.
+        initial_state: state after the tokens preceding q (None: zeros).
+        output_final_state: also return the state after the last token.
+    Returns:
+        y: (B, H, T, D) in v's dtype, and the final `GatedState` if output_final_state.
+    """
+    _check_qkv(q, k, v)
+    _check_positive("chunk_size", chunk_size)
+    dtype, h, t = v.dtype, q.shape[1], q.shape[2]
+    g = _gate(g, k, v, h)
+    q, k, v = _up(h, v, q, k, v)
+    s_ = _gated_state(initial_state, q, v)
+    ys = []
+    for start in range(0, t, chunk_size):
+        qc, kc, vc, gc = (x[:, :, start : start + chunk_size] for x in (q, k, v, g))
+        c = qc.shape[2]
+        cum = gc.cumsum(2)  # (B, H, c, F|1) log decay from the chunk start through each token
+        a = (qc[:, :, :, None] * kc[:, :, None] * _decay_matrix(cum, _distance(c, c, 0, q.device) >= 0)).sum(-1)
+        ys.append(scale * ((qc * cum.exp()) @ s_ + a @ vc))  # (B, H, c, D)
+        last = cum[:, :, -1:]  # (B, H, 1, F|1)
+        s_ = last.mT.exp() * s_ + (kc * (last - cum).exp()).mT @ vc
+    y = torch.cat(ys, 2).to(dtype)
+    return (y, GatedState(s_)) if output_final_state else y
+
+
+def gated_attn_step(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: GatedState | None = None, *, scale: float = 1.0
+) -> tuple[Tensor, GatedState]:
+    """One token of gated linear attention: S = diag(exp g) S + k^T v, y = scale q S.
+
+    Args:
+        q: (B, H, 1, F); k: (B, H_kv, 1, F); v: (B, H_kv, 1, D); g: (B, H_kv, 1, F) or (B, H_kv, 1).
+        state: state before this token (None: zeros).
+    Returns:
+        y: (B, H, 1, D) in v's dtype, and the state after this token.
+    """
+    _check_qkv(q, k, v)
+    _check_one_token(q)
+    dtype, h = v.dtype, q.shape[1]
+    g = _gate(g, k, v, h)
+    q, k, v = _up(h, v, q, k, v)
+    s_ = g.mT.exp() * _gated_state(state, q, v) + k.mT @ v  # (B, H, F, D)
+    return (scale * (q @ s_)).to(dtype), GatedState(s_)
+
+
+def softmax_attn(q: Tensor, k: Tensor, v: Tensor, *, scale: float, window: int | None = None) -> Tensor:
+    """Causal softmax attention in fp32 with an explicit mask: the teacher-side oracle.
+
+    Args:
+        q: (B, H, T, Dk); k: (B, H_kv, T, Dk); v: (B, H_kv, T, D).
+        scale: logit scale, usually Dk ** -0.5.
+        window: if given, each query sees only its last `window` keys, itself included.
+    Returns:
+        y: (B, H, T, D) in v's dtype.
+    """
+    _check_qkv(q, k, v)
+    if window is not None:
+        _check_positive("window", window)
+    dtype, h, t = v.dtype, q.shape[1], q.shape[2]
+    q, k, v = _up(h, v, q, k, v)
+    dist = _distance(t, t, 0, q.device)  # (T, T)
+    hidden = (dist < 0) | (dist >= (t if window is None else window))
+    s = (q @ k.mT * scale).masked_fill(hidden, float("-inf"))
+    return (s.softmax(-1) @ v).to(dtype)

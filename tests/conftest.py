@@ -1,0 +1,52 @@
+"""Shared fixtures: the real composed config (with test overrides), data paths, tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from linearize.config import Config, register_configs, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def data_root() -> Path:
+    """The offline data sets: $LINEARIZE_DATA, else ./data (make setup links it), else ../shared/data."""
+    for candidate in (os.environ.get("LINEARIZE_DATA"), ROOT / "data", SHARED_DATA):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    pytest.skip("needs the offline data sets (../shared/data or LINEARIZE_DATA); none found")
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def build_config(*overrides: str) -> Config:
+    return validate(compose_config(*overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Config:
+    return build_config("model=tiny-llama", f"data_dir={data_root()}")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_config):
+    from linearize.models.load import load_tokenizer
+
+    return load_tokenizer(tiny_config.model, tiny_config.cache_dir)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

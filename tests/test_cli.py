@@ -1,0 +1,77 @@
+"""`python -m linearize` as a user runs it, in a subprocess, on tiny-llama."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, data_root
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "linearize", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_help_lists_groups_and_options():
+    out = run_cli("--help")
+    assert out.returncode == 0, out.stderr
+    for line in (
+        "stage: all, eval, finetune, generate, prepare, transfer, uptrain",
+        "attention: elu, hedgehog, liger, lolcats, relu, softmax, t2r",
+        "data: alpaca-clean, alpaca-local, text",
+        "accelerate: ddp, fsdp, single",
+    ):
+        assert line in out.stdout
+    assert "smollm2-135m" in out.stdout and "llama3.1-405b" in out.stdout
+
+
+def test_prepare_tiny_llama_writes_resolved_config(tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_cli(
+        "stage=prepare", "model=tiny-llama", "data.max_examples=100", "data.seq_len=128",
+        f"run.dir={run_dir}", f"data_dir={data_root()}",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["name"] == "tiny-llama" and saved["data"]["seq_len"] == 128
+    assert saved["run"]["dir"] == str(run_dir)
+    assert "${" not in (run_dir / "config.yaml").read_text()  # interpolations resolved
+    log = (run_dir / "linearize.log").read_text()
+    assert "data 'alpaca-local': train" in log and "teacher 'tiny-llama'" in log
+
+
+def test_bad_value_exits_before_any_work(tmp_path):
+    out = run_cli("model=tiny-llama", "attention.window=-5", f"run.dir={tmp_path / 'r'}")
+    assert out.returncode == 2
+    assert "attention.window=-5 must be >= 0" in out.stdout + out.stderr
+    assert not (tmp_path / "r" / "config.yaml").exists()
+
+
+def test_unknown_model_lists_choices():
+    out = run_cli("model=llama9")
+    assert out.returncode != 0
+    assert "Could not find 'model/llama9'" in out.stderr
+    assert "tiny-llama" in out.stderr and "mistral-7b" in out.stderr
+
+
+def test_missing_data_file_fails_before_model_load(tmp_path):
+    out = run_cli(
+        "stage=prepare", "model=tiny-llama", f"data_dir={tmp_path}", f"run.dir={tmp_path / 'r'}"
+    )
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert "instruct/gsm_8k_train.json" in text and "LINEARIZE_DATA" in text
+    assert "teacher 'tiny-llama'" not in text
