@@ -25,6 +25,7 @@ FEATURE_MAPS = ("hedgehog", "t2r", "elu", "relu", "identity", "softmax")
 DATA_FORMATS = ("alpaca", "text")
 WANDB_MODES = ("disabled", "offline", "online")
 SCHEDULERS = ("plateau", "cosine", "constant")
+BACKENDS = ("auto", "reference", "triton")
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -91,7 +92,7 @@ class AttentionConfig:
     feature_dim: int = 64
     """Output width of learned feature maps, per half for hedgehog's [Wx, -Wx]."""
     window: int = 0
-    """Sliding-window size of exact softmax (``window`` and ``gated`` hybrids); 0 = none."""
+    """Keys per query under exact softmax in the ``window``/``gated`` hybrids (0: linear only)."""
     window_factor_init: float = -2.197
     """Initial logit of the learned per-head softmax/linear mixing factor (sigmoid⁻¹(0.1))."""
     mix: float = 0.5
@@ -102,9 +103,12 @@ class AttentionConfig:
     """Chunk length of the chunked (training/prefill) form."""
     keep_softmax: int = 0
     """After transfer, return this many worst layers (by validation MSE) to softmax."""
-    layers: Optional[list[int]] = None
-    """Indices of layers to swap; ``None`` swaps every layer."""
+    softmax_layers: list[int] = field(default_factory=list)
+    """Indices of layers kept as the teacher's softmax attention (not swapped)."""
     eps: float = 1e-6
+    """Added to linear attention's normalizer."""
+    backend: str = "auto"
+    """Implementation of the attention math: ``auto``, ``reference`` (PyTorch) or ``triton``."""
 
     def __post_init__(self) -> None:
         _choice("attention.kind", self.kind, ATTENTION_KINDS)
@@ -117,13 +121,11 @@ class AttentionConfig:
         _positive("attention.eps", self.eps)
         if not 0.0 <= self.mix <= 1.0:
             raise ValueError(f"attention.mix={self.mix} must lie in [0, 1]")
-        if self.kind == "window" and self.window < 1:
+        _choice("attention.backend", self.backend, BACKENDS)
+        if any(i < 0 for i in self.softmax_layers):
             raise ValueError(
-                f"attention '{self.name}' is a window hybrid but attention.window={self.window}; "
-                "set attention.window to a positive size such as 64"
+                f"attention.softmax_layers={self.softmax_layers} holds a negative layer index"
             )
-        if self.layers is not None and any(i < 0 for i in self.layers):
-            raise ValueError(f"attention.layers={self.layers} holds a negative layer index")
 
 
 @dataclass

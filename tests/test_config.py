@@ -67,7 +67,8 @@ def test_tiny_llama_is_small_gqa():
         ("run.device=tpu", "run.device='tpu' is not one of auto, cpu, cuda"),
         ("logging.wandb=yes", "logging.wandb='yes' is not one of disabled, offline, online"),
         ("attention.feature_map=hedgehgo", "Did you mean 'hedgehog'?"),
-        ("attention.window=0", "is a window hybrid but attention.window=0"),
+        ("attention.backend=cuda", "attention.backend='cuda' is not one of auto, reference, triton"),
+        ("attention.softmax_layers=[1,-1]", "holds a negative layer index"),
         ("attention.mix=2", "attention.mix=2.0 must lie in [0, 1]"),
     ],
 )

@@ -1,0 +1,26 @@
+"""Plain normalized linear attention: y_i = φ(q_i)·S_i / φ(q_i)·z_i."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from linearize import ops
+from linearize.attention.feature_maps import build_feature_map
+from linearize.attention.layer import Projected
+from linearize.config import AttentionConfig
+
+
+class LinearAttention(nn.Module):
+    """Separate (untied) feature maps for queries and keys; keys at the KV head count."""
+
+    def __init__(self, cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.feature_q = build_feature_map(cfg.feature_map, n_heads, head_dim, cfg.feature_dim)
+        self.feature_k = build_feature_map(cfg.feature_map, n_kv_heads, head_dim, cfg.feature_dim)
+        self.eps, self.chunk_size, self.backend = cfg.eps, cfg.chunk_size, cfg.backend
+
+    def forward(self, p: Projected) -> Tensor:
+        return ops.linear_attn(
+            self.feature_q(p.q), self.feature_k(p.k), p.v,
+            eps=self.eps, chunk_size=self.chunk_size, backend=self.backend,
+        )  # fmt: skip

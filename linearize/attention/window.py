@@ -1,0 +1,34 @@
+"""LoLCATs: exact softmax over the last ``window`` keys plus linear attention beyond them.
+
+One shared normalizer; the softmax share per head is sigmoid(window_factor), a learned
+parameter starting at ``window_factor_init`` (sigmoid⁻¹(0.1) in LoLCATs). With ``window=0``
+there is no softmax part and the layer is exactly plain linear attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from linearize import ops
+from linearize.attention.layer import Projected
+from linearize.attention.linear import LinearAttention
+from linearize.config import AttentionConfig
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.linear = LinearAttention(cfg, n_heads, n_kv_heads, head_dim)
+        self.window_factor = nn.Parameter(torch.full((n_heads,), cfg.window_factor_init))
+        self.window = cfg.window
+
+    def forward(self, p: Projected) -> Tensor:
+        if self.window == 0:
+            return self.linear(p)
+        lin = self.linear
+        return ops.window_attn(
+            p.q, p.k, p.v, lin.feature_q(p.q), lin.feature_k(p.k),
+            window=self.window, window_factor=torch.sigmoid(self.window_factor), scale=p.scale,
+            eps=lin.eps, chunk_size=lin.chunk_size, backend=lin.backend,
+        )  # fmt: skip
