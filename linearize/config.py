@@ -204,6 +204,31 @@ class TrainConfig:
 
 
 @dataclass
+class TransferConfig:
+    """Stage 1 (attention transfer) settings."""
+
+    mode: str = "joint"
+    """``joint``: one teacher pass trains every layer; ``blockwise``: blocks of layers from cached
+    teacher hidden states (for models that do not fit)."""
+    block_size: int = 1
+    """Layers per block in ``blockwise`` mode (1 = layer by layer)."""
+    mse_weight: float = 1000.0
+    """Loss = mse_weight x mean over layers of MSE(student, teacher) (LoLCATs: 1000)."""
+    xent_weight: float = 0.0
+    """Weight of Hedgehog's attention-weight cross-entropy (not supported yet: must be 0)."""
+
+    def __post_init__(self) -> None:
+        _choice("transfer.mode", self.mode, ("joint", "blockwise"))
+        _positive("transfer.block_size", self.block_size)
+        _positive("transfer.mse_weight", self.mse_weight)
+        if self.xent_weight != 0:
+            raise ValueError(
+                f"transfer.xent_weight={self.xent_weight}: the attention-weight cross-entropy is "
+                "not implemented yet; use transfer.xent_weight=0 (MSE only, the LoLCATs recipe)"
+            )
+
+
+@dataclass
 class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy"])
     limit: Optional[int] = None
@@ -260,6 +285,7 @@ class Config:
     attention: AttentionConfig = MISSING
     data: DataConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     run: RunConfig = field(default_factory=RunConfig)

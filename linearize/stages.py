@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
@@ -34,6 +35,7 @@ class Prepared:
     tokenizer: object
     teacher: PreTrainedModel
     data: Optional[PackedData]
+    accelerator: Accelerator
 
 
 def write_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
@@ -57,6 +59,16 @@ def preflight(config: Config) -> None:
     resolve_device(config.run.device)
     if config.stage in TRAINING_STAGES and config.data.files:
         local_files(config.data, config.data_dir)
+    if config.stage == "transfer":
+        from linearize.attention import build_mixer
+
+        if config.attention.kind == "softmax":
+            raise ValueError("stage=transfer needs a linear attention, not attention=softmax")
+        if not any(True for _ in build_mixer(config.attention, 1, 1, 8).parameters()):
+            raise ValueError(
+                f"attention={config.attention.name} has no new parameters, so stage=transfer has "
+                "nothing to train; go straight to stage=finetune (as Liger does)"
+            )
 
 
 def prepare(config: Config, cfg: DictConfig) -> Prepared:
@@ -67,10 +79,12 @@ def prepare(config: Config, cfg: DictConfig) -> Prepared:
     needs_data = config.stage in TRAINING_STAGES
     tokenizer = load_tokenizer(config.model, config.cache_dir)
     data = prepare_data(config.data, tokenizer, config.data_dir, config.run.seed) if needs_data else None
-    device = resolve_device(config.run.device)
+    # accelerate picks this process's device under a multi-process launch.
+    accelerator = Accelerator(cpu=resolve_device(config.run.device).type == "cpu")
+    device = accelerator.device
     teacher = load_teacher(config.model, cache_dir=config.cache_dir, device=device, seed=config.run.seed)
     log.info("teacher '%s' on %s: %s", config.model.name, device, describe(teacher))
-    return Prepared(config, run_dir, tokenizer, teacher, data)
+    return Prepared(config, run_dir, tokenizer, teacher, data, accelerator)
 
 
 def _not_built(name: str, issue: int) -> Callable[[Prepared], None]:
@@ -85,13 +99,25 @@ def _not_built(name: str, issue: int) -> Callable[[Prepared], None]:
 
 STAGE_RUNNERS: dict[str, Callable[[Prepared], None]] = {
     "prepare": lambda prepared: None,
-    "transfer": _not_built("transfer", 4),
+    "transfer": lambda prepared: _transfer(prepared),
     "finetune": _not_built("finetune", 5),
     "uptrain": _not_built("uptrain", 11),
     "eval": _not_built("eval", 6),
     "generate": _not_built("generate", 8),
     "all": _not_built("all", 5),
 }
+
+
+def _transfer(prepared: Prepared) -> None:
+    from linearize.log import Tracker
+    from linearize.train.transfer import run_transfer
+
+    c = prepared.config
+    tracker = Tracker(c.logging.wandb, c.logging.project, str(prepared.run_dir), OmegaConf.to_container(OmegaConf.structured(c)))
+    try:
+        run_transfer(prepared, prepared.accelerator, tracker)
+    finally:
+        tracker.finish()
 
 
 def run_stage(config: Config, cfg: DictConfig) -> None:

@@ -61,6 +61,13 @@ class AttentionLayer(nn.Module):
         self.sliding_window = sliding_window
         self.mode = "student"
         self.collector: Optional[Collector] = None
+        # The replaced module, kept out of the module tree (its projections are ours already)
+        # so that a layer can be set back to the teacher's own attention.
+        self._teacher = (teacher,)
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
 
     def project(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Projected:
         b, t, _ = hidden_states.shape

@@ -83,6 +83,19 @@ def set_mode(model: nn.Module, mode: str) -> None:
         layer.mode = mode
 
 
+def restore_softmax(model: nn.Module, layer_indices: list[int]) -> None:
+    """Put the teacher's own attention module back in the listed (swapped) layers."""
+    by_index = {layer.layer_idx: layer for layer in attention_layers(model)}
+    missing = [i for i in layer_indices if i not in by_index]
+    if missing:
+        raise ValueError(f"layers {missing} are not swapped; swapped: {sorted(by_index)}")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AttentionLayer) and module.layer_idx in layer_indices:
+            parent_name, _, child = name.rpartition(".")
+            module.mixer.requires_grad_(False)
+            setattr(model.get_submodule(parent_name), child, module.teacher)
+
+
 def swap_attention(model: PreTrainedModel, cfg: AttentionConfig) -> SwapReport:
     """Replace every softmax attention except ``cfg.softmax_layers``; freeze all but the new.
 

@@ -1,0 +1,297 @@
+"""The one training loop, used by every training stage; stages differ only in their objective.
+
+Reads top to bottom: build the optimizer and schedule, restore a checkpoint if resuming, then
+per optimizer step accumulate ``grad_accum`` micro-batches, clip, step, log; every
+``eval_every`` steps validate, keep the best weights, step the plateau schedule, checkpoint.
+
+Data order is a pure function of (seed, epoch): a seeded permutation of the packed rows, cut
+into micro-batches of ``batch_size`` rows per process. A checkpoint therefore needs only the
+step count to find its place in the data, and a resumed run sees exactly the batches the
+uninterrupted one would have. Checkpoints hold only the trainable parameters (the deltas),
+the optimizer, the scheduler, RNG states and the :class:`TrainState`; each is written into a
+temporary directory that is renamed into place, and ``latest`` is switched last, so a crash
+mid-write leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Protocol
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from linearize.config import TrainConfig
+from linearize.data import Split
+from linearize.log import Tracker, get_logger
+
+log = get_logger(__name__)
+
+
+class Objective(Protocol):
+    """What a stage trains for: a loss on a batch, and validation metrics over batches."""
+
+    def loss(self, model: nn.Module, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
+        """Scalar loss (with a graph) and floats to log."""
+        ...
+
+    def validate(self, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
+        """Metrics over validation batches; must hold ``val_loss`` (lower is better)."""
+        ...
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a bit-exact resume needs."""
+
+    step: int = 0
+    total_steps: int = 0
+    best_val: float = math.inf
+    best_step: int = -1
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    history: list[dict] = field(default_factory=list)
+
+
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """The deltas: parameters that require grad, by name."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    unknown = [n for n in tensors if n not in params]
+    if missing or unknown:
+        raise ValueError(f"checkpoint does not fit the model: missing {missing[:3]}, unknown {unknown[:3]}")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t)
+
+
+def micro_batch(split: Split, seed: int, index: int, rows: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
+    """Micro-batch ``index`` of the endless epoch sequence: this rank's ``rows`` of it."""
+    per_epoch = len(split) // (rows * world)
+    epoch, pos = divmod(index, per_epoch)
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    start = (pos * world + rank) * rows
+    idx = order[start : start + rows]
+    return split.input_ids[idx], split.labels[idx]
+
+
+def validation_batches(split: Split, cfg: TrainConfig, seed: int, accelerator: Accelerator) -> list:
+    """This process's share of the validation set: equal-size batches on every process."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n = len(split) // (cfg.batch_size * world)
+    if n < 1:
+        raise ValueError(
+            f"{len(split)} validation rows are fewer than one batch per process "
+            f"({cfg.batch_size} x {world}); raise data.val_fraction"
+        )
+    n = min(n, cfg.eval_batches or n)
+    return [micro_batch(split, seed, i, cfg.batch_size, rank, world) for i in range(n)]
+
+
+def validate(objective: Objective, model: nn.Module, batches: list, accelerator: Accelerator) -> dict[str, float]:
+    """The objective's validation metrics, averaged over processes."""
+    model.eval()
+    with torch.no_grad():
+        val = objective.validate(model, batches)
+    # Every process scored a shard of equal size, so the mean of the means is the mean.
+    device = accelerator.device
+    return {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in val.items()}
+
+
+def plan_steps(cfg: TrainConfig, n_rows: int, world: int) -> int:
+    """Optimizer steps: the epoch cap, then ``max_steps``. Raises when not even one fits."""
+    rows_per_step = cfg.batch_size * cfg.grad_accum * world
+    steps = int(cfg.epochs * n_rows) // rows_per_step
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    if steps < 1:
+        raise ValueError(
+            f"{n_rows} training rows give no optimizer step of {rows_per_step} rows "
+            f"(train.batch_size x train.grad_accum x {world} processes); add data or lower them"
+        )
+    return steps
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total: int):
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+        )
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def write_dir_atomically(target: Path, write) -> None:
+    """Call ``write(tmp_dir)``, then move the finished directory to ``target`` in one rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_file_atomic(tensors: dict[str, Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: TrainState) -> Path:
+    name = f"step-{state.step:07d}"
+
+    def write(tmp: Path) -> None:
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+            tmp / "training_state.pt",
+        )
+        (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=1))
+
+    ckpt_root = out_dir / "checkpoints"
+    write_dir_atomically(ckpt_root / name, write)
+    pointer = ckpt_root / ".latest.tmp"
+    pointer.write_text(name)
+    os.replace(pointer, ckpt_root / "latest")  # switched only once the checkpoint is whole
+    for old in ckpt_root.glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return ckpt_root / name
+
+
+def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    pointer = out_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = out_dir / "checkpoints" / pointer.read_text().strip()
+    return path if (path / "train_state.json").is_file() else None
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
+    load_trainable_state(model, load_file(path / "trainable.safetensors"))
+    extra = torch.load(path / "training_state.pt", weights_only=False)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    _set_rng_state(extra["rng"])
+    return TrainState(**json.loads((path / "train_state.json").read_text()))
+
+
+def train(
+    model: nn.Module, objective: Objective, train_split: Split, val_split: Split,
+    cfg: TrainConfig, out_dir: Path, *, accelerator: Accelerator, seed: int, resume: bool,
+    tracker: Optional[Tracker] = None,
+) -> TrainState:  # fmt: skip
+    """Train ``model``'s trainable parameters on ``objective``; checkpoints go to ``out_dir``.
+
+    The best validation weights are written to ``out_dir/best.safetensors`` and loaded into
+    ``model`` at the end.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: the model has no parameter that requires grad")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    state = TrainState(total_steps=plan_steps(cfg, len(train_split), world))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(cfg, optimizer, state.total_steps)
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        log.info("resumed from %s at step %d of %d", ckpt, state.step, state.total_steps)
+    elif resume:
+        log.info("run.resume=true but %s holds no checkpoint; starting fresh", out_dir)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    val_batches = validation_batches(val_split, cfg, seed, accelerator)
+    main = accelerator.is_main_process
+
+    if state.step == 0 and not state.history:  # where training starts from, for the curves
+        initial = validate(objective, wrapped, val_batches, accelerator)
+        state.history.append({"step": 0, **{f"val/{k}": v for k, v in initial.items()}})
+        log.info("step 0: val_loss %.5g", initial["val_loss"])
+
+    bar = tqdm(total=state.total_steps, initial=state.step, desc="train", disable=not main)
+    while state.step < state.total_steps and not state.stopped_early:
+        wrapped.train()
+        metrics: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            index = state.step * cfg.grad_accum + micro
+            input_ids, labels = micro_batch(train_split, seed, index, cfg.batch_size, rank, world)
+            sync = micro == cfg.grad_accum - 1
+            with nullcontext() if sync else accelerator.no_sync(wrapped):
+                loss, parts = objective.loss(wrapped, input_ids.to(accelerator.device), labels.to(accelerator.device))
+                accelerator.backward(loss / cfg.grad_accum)
+            for k, v in {"loss": loss.item(), **parts}.items():
+                metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cfg.scheduler != "plateau":
+            scheduler.step()
+        state.step += 1
+        metrics.update(grad_norm=float(grad_norm), lr=optimizer.param_groups[0]["lr"])
+        record = {"step": state.step, **{f"train/{k}": v for k, v in metrics.items()}}
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+
+        if state.step % cfg.eval_every == 0 or state.step == state.total_steps:
+            val = validate(objective, wrapped, val_batches, accelerator)
+            record.update({f"val/{k}": v for k, v in val.items()})
+            if cfg.scheduler == "plateau":
+                scheduler.step(val["val_loss"])
+            if val["val_loss"] < state.best_val:
+                state.best_val, state.best_step = val["val_loss"], state.step
+                state.evals_without_improvement = 0
+                if main:
+                    save_file_atomic(trainable_state(model), out_dir / "best.safetensors")
+            else:
+                state.evals_without_improvement += 1
+            patience = cfg.early_stop_patience
+            if patience is not None and state.evals_without_improvement >= patience:
+                state.stopped_early = True
+                log.info("early stop at step %d: no improvement in %d evals", state.step, patience)
+            log.info("step %d: val_loss %.5g (best %.5g at %d)", state.step, val["val_loss"], state.best_val, state.best_step)
+        state.history.append(record)
+        if tracker is not None:
+            tracker.log(record, state.step)
+        if state.step % cfg.eval_every == 0 or state.step == state.total_steps or state.stopped_early:
+            if main:
+                save_checkpoint(out_dir, model, optimizer, scheduler, state)
+            accelerator.wait_for_everyone()
+    bar.close()
+    best = out_dir / "best.safetensors"
+    if best.is_file():
+        load_trainable_state(model, load_file(best))
+    return state
