@@ -11,6 +11,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -96,8 +97,11 @@ def restore_softmax(model: nn.Module, layer_indices: list[int]) -> None:
             setattr(model.get_submodule(parent_name), child, module.teacher)
 
 
-def swap_attention(model: PreTrainedModel, cfg: AttentionConfig) -> SwapReport:
+def swap_attention(model: PreTrainedModel, cfg: AttentionConfig, seed: int = 0) -> SwapReport:
     """Replace every softmax attention except ``cfg.softmax_layers``; freeze all but the new.
+
+    New parameters are initialised from ``seed`` (and the layer index) alone, so every process
+    and every rerun builds the same student.
 
     Raises:
         ValueError: for an unsupported family, ``kind=softmax``, or a layer index out of range.
@@ -125,7 +129,9 @@ def swap_attention(model: PreTrainedModel, cfg: AttentionConfig) -> SwapReport:
     for name, old in targets:
         if old.layer_idx in cfg.softmax_layers:
             continue
-        mixer = build_mixer(cfg, c.num_attention_heads, c.num_key_value_heads, head_dim)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1_000_003 + old.layer_idx)
+            mixer = build_mixer(cfg, c.num_attention_heads, c.num_key_value_heads, head_dim)
         ref = next(old.parameters())
         mixer.to(device=ref.device, dtype=ref.dtype)
         new = AttentionLayer(

@@ -223,6 +223,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: the model has no parameter that requires grad")
+    out_dir.mkdir(parents=True, exist_ok=True)
     world, rank = accelerator.num_processes, accelerator.process_index
     state = TrainState(total_steps=plan_steps(cfg, len(train_split), world))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

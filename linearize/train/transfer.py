@@ -80,7 +80,7 @@ def run_transfer(prepared, accelerator: Accelerator, tracker: Tracker | None = N
     out_dir = Path(cfg.run.dir) / "transfer"
     out_dir.mkdir(parents=True, exist_ok=True)
     model = prepared.teacher
-    report = swap_attention(model, cfg.attention)
+    report = swap_attention(model, cfg.attention, seed=cfg.run.seed)
     objective = TransferObjective(attention_layers(model), cfg.transfer.mse_weight)
     state = train(
         model, objective, prepared.data.train, prepared.data.val, cfg.train, out_dir,

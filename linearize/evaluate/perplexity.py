@@ -1,0 +1,109 @@
+"""Sliding-window perplexity (the transformers docs' "perplexity of fixed-length models").
+
+The text is tokenized once and scored in windows of ``seq_len`` tokens whose starts are
+``stride`` apart. Each window scores only the tokens that the previous window did not, each
+predicted from the tokens before it inside the window. With ``stride < seq_len`` every token
+after the first is scored exactly once, with at least ``seq_len - stride`` tokens of context
+once past the first window. With ``stride == seq_len`` the windows are disjoint and, as in the
+transformers docs, the first token of each window (which has no context in it) is not scored.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from linearize.log import get_logger
+
+log = get_logger(__name__)
+
+
+def window_targets(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """The windows of the sliding evaluation.
+
+    Returns:
+        ``[(begin, end, first), ...]``: the window holds tokens ``[begin, end)`` and scores
+        tokens ``[first, end)``. The scored ranges are disjoint; with ``stride < seq_len`` they
+        tile ``[1, n_tokens)``.
+    """
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"need 0 < stride <= seq_len, got stride={stride}, seq_len={seq_len}")
+    windows, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + seq_len, n_tokens)
+        first = max(prev_end, begin + 1)  # a window's first token has no context in it
+        if end > first:
+            windows.append((begin, end, first))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+@torch.no_grad()
+def perplexity(
+    model,
+    tokenizer,
+    text: str,
+    *,
+    seq_len: int = 1024,
+    stride: int = 512,
+    max_tokens: Optional[int] = None,
+) -> dict[str, float | int]:
+    """Perplexity of ``model`` on ``text``, scored in sliding windows on the model's device.
+
+    Args:
+        model: a causal LM whose forward takes ``input_ids`` (1, T) and returns ``.logits``
+            (1, T, V).
+        tokenizer: its tokenizer; special tokens are added as it adds them by default.
+        text: the text to score.
+        seq_len: tokens per forward (the context budget).
+        stride: tokens between window starts; ``seq_len - stride`` is the minimum carried-over
+            context of every window after the first.
+        max_tokens: score only the first ``max_tokens`` tokens (for quick checks).
+
+    Returns:
+        ``{"ppl": exp(nll), "nll": mean negative log-likelihood per scored token (nats),
+        "tokens": number of scored tokens}``.
+    """
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]  # (N,)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if ids.numel() < 2:
+        raise ValueError(f"need at least 2 tokens to score, got {ids.numel()}")
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    was_training = model.training
+    model.eval()
+    nll_sum, scored = 0.0, 0
+    windows = window_targets(ids.numel(), seq_len, stride)
+    try:
+        for begin, end, first in tqdm(windows, desc="perplexity", unit="window"):
+            logits = model(input_ids=ids[None, begin:end]).logits[0]  # (end - begin, V)
+            # Position j predicts token j + 1: the logits for tokens [first, end).
+            pred = logits[first - begin - 1 : end - begin - 1].float()
+            nll_sum += F.cross_entropy(pred, ids[first:end], reduction="sum").item()
+            scored += end - first
+    finally:
+        model.train(was_training)
+    nll = nll_sum / scored
+    log.info("perplexity %.3f over %d tokens (seq_len=%d, stride=%d)", math.exp(nll), scored,
+             seq_len, stride)
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": scored}
+
+
+def wikitext2_text(data_dir: str | Path) -> str:
+    """The WikiText-2 (raw, v1) test split as one string: ``<data_dir>/eval/wikitext2/wiki.test.raw``.
+
+    The file verbatim, i.e. the hub rows joined as they were split (one newline each), not the
+    ``"\\n\\n".join`` of the transformers docs' example, which doubles every line break.
+    """
+    path = Path(data_dir).expanduser() / "eval" / "wikitext2" / "wiki.test.raw"
+    if not path.is_file():
+        raise FileNotFoundError(f"WikiText-2 test file missing: {path}")
+    return path.read_text(encoding="utf-8")

@@ -1,0 +1,189 @@
+"""Stage 1: the objective, the loop's resume and checkpoints, keep_softmax, and a real run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from linearize import ops
+from linearize.config import validate
+from linearize.models.swap import attention_layers, swap_attention
+from linearize.stages import prepare, preflight
+from linearize.train import loop
+from linearize.train.transfer import TransferObjective, run_transfer
+from tests.conftest import build_config, compose_config, data_root
+
+TINY = ("model=tiny-llama", "data.max_examples=120", "data.seq_len=64", "data.val_fraction=0.1")
+
+
+def prepared(tmp_path: Path, *overrides: str):
+    dc = compose_config(*TINY, f"data_dir={data_root()}", f"run.dir={tmp_path}", *overrides)
+    return prepare(validate(dc), dc)
+
+
+class SoftmaxMixer(nn.Module):
+    """A 'student' that is the teacher: softmax attention, with one unused-by-math parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, p):
+        return ops.softmax_attn(p.q, p.k, p.v, scale=p.scale) * self.scale
+
+
+def test_loss_is_exactly_zero_when_student_is_teacher(tmp_path):
+    prep = prepared(tmp_path, "stage=transfer", "attention=hedgehog")
+    model = prep.teacher
+    swap_attention(model, prep.config.attention)
+    for layer in attention_layers(model):
+        layer.mixer = SoftmaxMixer()
+    objective = TransferObjective(attention_layers(model), mse_weight=1000.0)
+    loss, parts = objective.loss(model, prep.data.train.input_ids[:2], prep.data.train.labels[:2])
+    assert loss.item() == 0.0 and parts["mse"] == 0.0
+
+
+def test_only_new_parameters_get_gradients(tmp_path):
+    # window 8 < T = 64, so the linear part (and its feature maps) takes part in every row
+    prep = prepared(tmp_path, "stage=transfer", "attention=lolcats", "attention.window=8")
+    model = prep.teacher
+    swap_attention(model, prep.config.attention)
+    objective = TransferObjective(attention_layers(model), mse_weight=1000.0)
+    loss, _ = objective.loss(model, prep.data.train.input_ids[:2], prep.data.train.labels[:2])
+    assert loss.item() > 0
+    loss.backward()
+    for name, p in model.named_parameters():
+        if ".mixer." in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None and not p.requires_grad, name
+
+
+def _train(tmp_path, out: Path, *, resume=False, crash_at_call=None):
+    prep = prepared(tmp_path, "stage=transfer", "attention=lolcats", "attention.window=8",
+                    "train.max_steps=6", "train.eval_every=1", "train.grad_accum=2",
+                    "train.batch_size=2", "train.eval_batches=1")  # fmt: skip
+    model = prep.teacher
+    swap_attention(model, prep.config.attention)
+    objective = TransferObjective(attention_layers(model), mse_weight=1000.0)
+    if crash_at_call is not None:
+        calls, real_loss = [0], objective.loss
+
+        def crashing_loss(*args):
+            calls[0] += 1
+            if calls[0] == crash_at_call:
+                raise KeyboardInterrupt("simulated kill")
+            return real_loss(*args)
+
+        objective.loss = crashing_loss
+    state = loop.train(
+        model, objective, prep.data.train, prep.data.val, prep.config.train, out,
+        accelerator=Accelerator(cpu=True), seed=0, resume=resume,
+    )  # fmt: skip
+    return state, loop.trainable_state(model)
+
+
+def test_kill_after_step_3_then_resume_equals_uninterrupted(tmp_path):
+    full_state, full = _train(tmp_path / "a", tmp_path / "a" / "out")
+    assert full_state.step == 6
+    out = tmp_path / "b" / "out"
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "b", out, crash_at_call=7)  # first micro-batch of step 4
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000003"
+    resumed_state, resumed = _train(tmp_path / "b", out, resume=True)
+    assert resumed_state.step == 6
+    assert resumed.keys() == full.keys()
+    for name in full:
+        assert torch.equal(resumed[name], full[name]), name
+    assert [h["step"] for h in resumed_state.history] == [h["step"] for h in full_state.history]
+
+
+def test_crash_while_writing_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_save = loop.save_file
+
+    def failing_save(tensors, path, *a, **kw):
+        if "step-0000002" in str(Path(path).parent) or ".step-0000002" in str(path):
+            raise OSError("disk full (simulated)")
+        return real_save(tensors, path, *a, **kw)
+
+    monkeypatch.setattr(loop, "save_file", failing_save)
+    with pytest.raises(OSError, match="simulated"):
+        _train(tmp_path, out)
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000001"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-0000001"]
+    assert loop.latest_checkpoint(out).name == "step-0000001"
+
+
+def test_keep_softmax_sets_the_worst_layers_back(tmp_path):
+    prep = prepared(tmp_path, "stage=transfer", "attention=hedgehog", "attention.keep_softmax=1",
+                    "train.max_steps=2", "train.eval_every=1", "train.grad_accum=1")  # fmt: skip
+    out = run_transfer(prep, prep.accelerator)
+    result = json.loads((out / "result.json").read_text())
+    per_layer = {int(k): v for k, v in result["val_mse_per_layer"].items()}
+    worst = max(per_layer, key=per_layer.get)
+    assert result["kept_softmax"] == [worst] and result["softmax_layers"] == [worst]
+    assert result["swapped"] == [i for i in (0, 1) if i != worst]
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    assert isinstance(prep.teacher.model.layers[worst].self_attn, LlamaAttention)
+    assert [layer.layer_idx for layer in attention_layers(prep.teacher)] == result["swapped"]
+    assert (out / "transfer_report.png").stat().st_size > 10_000
+    assert result["history"][0]["step"] == 0 and "val/val_loss" in result["history"][0]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (("attention=liger",), "has no new parameters"),
+        (("attention=elu",), "has no new parameters"),
+        (("attention=softmax",), "needs a linear attention"),
+    ],
+)
+def test_transfer_preflight_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        preflight(build_config("stage=transfer", *TINY, f"data_dir={data_root()}", *overrides))
+
+
+def test_too_little_data_for_one_step():
+    from linearize.config import TrainConfig
+
+    with pytest.raises(ValueError, match="no optimizer step"):
+        loop.plan_steps(TrainConfig(batch_size=4, grad_accum=8, epochs=1), n_rows=20, world=1)
+
+
+def test_data_order_is_a_function_of_seed_and_index():
+    from linearize.data import Split
+
+    split = Split(torch.arange(40).view(20, 2), torch.arange(40).view(20, 2), examples=20)
+    a = loop.micro_batch(split, seed=1, index=3, rows=2, rank=0, world=1)[0]
+    assert torch.equal(a, loop.micro_batch(split, seed=1, index=3, rows=2, rank=0, world=1)[0])
+    # two ranks split what one process with twice the rows sees
+    both = loop.micro_batch(split, seed=1, index=3, rows=4, rank=0, world=1)[0]
+    r0 = loop.micro_batch(split, seed=1, index=3, rows=2, rank=0, world=2)[0]
+    r1 = loop.micro_batch(split, seed=1, index=3, rows=2, rank=1, world=2)[0]
+    assert torch.equal(torch.cat([r0, r1]), both)
+    # an epoch visits every row once
+    seen = torch.cat([loop.micro_batch(split, 1, i, 2, 0, 1)[0] for i in range(10)])
+    assert sorted(seen[:, 0].tolist()) == list(range(0, 40, 2))
+
+
+@pytest.mark.slow
+def test_real_smollm2_transfer_lowers_validation_mse(tmp_path):
+    dc = compose_config(
+        "stage=transfer", "model=smollm2-135m", "attention=lolcats", f"data_dir={data_root()}",
+        f"run.dir={tmp_path}", "data.max_examples=300", "data.seq_len=128", "train.max_steps=12",
+        "train.eval_every=6", "train.grad_accum=1", "train.batch_size=2", "train.eval_batches=2",
+    )  # fmt: skip
+    prep = prepare(validate(dc), dc)
+    out = run_transfer(prep, prep.accelerator)
+    result = json.loads((out / "result.json").read_text())
+    vals = [h["val/mse"] for h in result["history"] if "val/mse" in h]
+    print(f"SmolLM2-135M lolcats transfer, val MSE by eval: {vals}")
+    assert len(vals) == 3 and vals[-1] < 0.7 * vals[0], vals
+    assert len(result["val_mse_per_layer"]) == 30
