@@ -212,6 +212,8 @@ class TransferConfig:
     teacher hidden states (for models that do not fit)."""
     block_size: int = 1
     """Layers per block in ``blockwise`` mode (1 = layer by layer)."""
+    shard_rows: int = 64
+    """Rows per shard of the cached teacher hidden states (``blockwise``)."""
     mse_weight: float = 1000.0
     """Loss = mse_weight x mean over layers of MSE(student, teacher) (LoLCATs: 1000)."""
     xent_weight: float = 0.0
@@ -220,6 +222,7 @@ class TransferConfig:
     def __post_init__(self) -> None:
         _choice("transfer.mode", self.mode, ("joint", "blockwise"))
         _positive("transfer.block_size", self.block_size)
+        _positive("transfer.shard_rows", self.shard_rows)
         _positive("transfer.mse_weight", self.mse_weight)
         if self.xent_weight != 0:
             raise ValueError(

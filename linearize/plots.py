@@ -30,8 +30,11 @@ def plot_transfer(result: dict, path: Path) -> Path:
     if val:
         ax_curves.plot(*zip(*val), marker="o", label="validation loss")
     ax_curves.set(xlabel="optimizer step", ylabel="loss (mse_weight x MSE)", title="loss curves")
-    ax_curves.set_yscale("log")
-    ax_curves.legend()
+    if train or val:
+        ax_curves.set_yscale("log")
+        ax_curves.legend()
+    else:
+        ax_curves.text(0.5, 0.5, "no joint loss curve\n(blockwise: one per block)", ha="center", va="center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -187,3 +187,75 @@ def test_real_smollm2_transfer_lowers_validation_mse(tmp_path):
     print(f"SmolLM2-135M lolcats transfer, val MSE by eval: {vals}")
     assert len(vals) == 3 and vals[-1] < 0.7 * vals[0], vals
     assert len(result["val_mse_per_layer"]) == 30
+
+
+def test_joint_and_blockwise_give_the_same_per_layer_losses(tmp_path):
+    from linearize.data import Split
+    from linearize.train.blockwise import Block, cache_hidden_states, load_boundary
+
+    prep = prepared(tmp_path, "stage=transfer", "attention=lolcats", "attention.window=8")
+    model = prep.teacher
+    swap_attention(model, prep.config.attention)
+    batch = prep.data.train.input_ids[:3]
+    joint = TransferObjective(attention_layers(model), 1.0).layer_mse(model, batch)
+    cache = tmp_path / "cache"
+    cache_hidden_states(model, Split(batch, batch, 3), [0, 1], cache, shard_rows=2, batch_size=2)
+    for i in (0, 1):
+        block = Block(model, i, i + 1)
+        objective = TransferObjective(attention_layers(block), 1.0, forward=lambda m, x: m(x))
+        blockwise = objective.layer_mse(block, load_boundary(cache, i))
+        assert list(blockwise) == [i]
+        torch.testing.assert_close(blockwise[i], joint[i], rtol=1e-6, atol=0)
+
+
+def test_hidden_cache_resumes_without_recomputing_or_keeping_torn_shards(tmp_path, monkeypatch):
+    from linearize.data import Split
+    from linearize.train import blockwise
+
+    prep = prepared(tmp_path, "stage=transfer", "attention=hedgehog")
+    model = prep.teacher
+    swap_attention(model, prep.config.attention)
+    split = Split(prep.data.train.input_ids[:5], prep.data.train.labels[:5], 5)
+    cache = tmp_path / "cache"
+    real_save = blockwise.save_file
+
+    def dies_on_third(tensors, path):
+        if "shard-00002" in str(path):
+            Path(path).write_bytes(b"torn")  # a half-written file, then the kill
+            raise KeyboardInterrupt("simulated kill")
+        return real_save(tensors, path)
+
+    monkeypatch.setattr(blockwise, "save_file", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        blockwise.cache_hidden_states(model, split, [0, 1], cache, shard_rows=2, batch_size=2)
+    monkeypatch.setattr(blockwise, "save_file", real_save)
+    assert sorted(p.name for p in cache.iterdir()) == [
+        "manifest.json", "shard-00000.safetensors", "shard-00001.safetensors",
+    ]  # fmt: skip
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("shard-*")}
+    blockwise.cache_hidden_states(model, split, [0, 1], cache, shard_rows=2, batch_size=2)
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("shard-0000[01]*")} == stamps
+    full = blockwise.load_boundary(cache, 1)
+    assert full.shape == (5, 64, 64)
+    fresh = tmp_path / "fresh"
+    blockwise.cache_hidden_states(model, split, [0, 1], fresh, shard_rows=2, batch_size=2)
+    assert torch.equal(blockwise.load_boundary(fresh, 1), full)
+    other = Split(prep.data.train.input_ids[5:10], prep.data.train.labels[5:10], 5)
+    with pytest.raises(ValueError, match="caches other data"):
+        blockwise.cache_hidden_states(model, other, [0, 1], cache, shard_rows=2, batch_size=2)
+
+
+def test_blockwise_run_writes_the_same_kind_of_result_as_joint(tmp_path):
+    results = {}
+    for mode in ("joint", "blockwise"):
+        prep = prepared(tmp_path / mode, "stage=transfer", "attention=lolcats", f"transfer.mode={mode}",
+                        "data.max_examples=40", "train.max_steps=2", "train.eval_every=1",
+                        "train.grad_accum=1")  # fmt: skip
+        out = run_transfer(prep, prep.accelerator)
+        from safetensors.torch import load_file
+
+        results[mode] = (json.loads((out / "result.json").read_text()), load_file(out / "attention.safetensors"))
+    (joint, joint_w), (block, block_w) = results["joint"], results["blockwise"]
+    assert joint_w.keys() == block_w.keys() and len(joint_w) == 6
+    assert joint["val_mse_per_layer"].keys() == block["val_mse_per_layer"].keys()
+    assert block["swapped"] == joint["swapped"] == [0, 1]

@@ -43,8 +43,9 @@ log = get_logger(__name__)
 class Objective(Protocol):
     """What a stage trains for: a loss on a batch, and validation metrics over batches."""
 
-    def loss(self, model: nn.Module, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
-        """Scalar loss (with a graph) and floats to log."""
+    def loss(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
+        """Scalar loss (with a graph) and floats to log; ``inputs`` are token ids or, for a
+        block trained from cached teacher states, hidden states."""
         ...
 
     def validate(self, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
@@ -249,10 +250,10 @@ def train(
         metrics: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
             index = state.step * cfg.grad_accum + micro
-            input_ids, labels = micro_batch(train_split, seed, index, cfg.batch_size, rank, world)
+            inputs, labels = micro_batch(train_split, seed, index, cfg.batch_size, rank, world)
             sync = micro == cfg.grad_accum - 1
             with nullcontext() if sync else accelerator.no_sync(wrapped):
-                loss, parts = objective.loss(wrapped, input_ids.to(accelerator.device), labels.to(accelerator.device))
+                loss, parts = objective.loss(wrapped, inputs.to(accelerator.device), labels.to(accelerator.device))
                 accelerator.backward(loss / cfg.grad_accum)
             for k, v in {"loss": loss.item(), **parts}.items():
                 metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum

@@ -5,6 +5,9 @@ Each layer computes the teacher's softmax output and the student's from the same
 hands both to :class:`TransferObjective`, and passes the teacher's output on, so every layer
 trains on the inputs the teacher would give it. Nothing frozen requires grad, so the only
 graph kept is the students' own. Logits are computed for one position only.
+
+``blockwise`` (LoLCATs' recipe for 70B/405B): see :mod:`linearize.train.blockwise`; the same
+objective, fed cached teacher hidden states instead of token ids.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +32,20 @@ from linearize.train.loop import train, trainable_state, validate, validation_ba
 log = get_logger(__name__)
 
 
+def forward_tokens(model: nn.Module, input_ids: Tensor) -> None:
+    """A whole-model pass that computes logits for one position only (stage 1 ignores them)."""
+    model(input_ids=input_ids, logits_to_keep=1, use_cache=False)
+
+
 class TransferObjective:
     """Loss = mse_weight x mean over swapped layers of MSE(student output, teacher output)."""
 
-    def __init__(self, layers: list[AttentionLayer], mse_weight: float):
-        self.layers = layers
+    def __init__(
+        self, layers: list[AttentionLayer], mse_weight: float,
+        forward: Callable[[nn.Module, Tensor], None] = forward_tokens,
+    ):  # fmt: skip
         self.mse_weight = mse_weight
+        self.forward = forward
         self._outputs: dict[int, tuple[Tensor, Tensor]] = {}
         for layer in layers:
             layer.collector = self._collect
@@ -42,23 +54,23 @@ class TransferObjective:
     def _collect(self, layer_idx: int, student: Tensor, teacher: Tensor) -> None:
         self._outputs[layer_idx] = (student, teacher)
 
-    def layer_mse(self, model: nn.Module, input_ids: Tensor) -> dict[int, Tensor]:
+    def layer_mse(self, model: nn.Module, inputs: Tensor) -> dict[int, Tensor]:
         """Per-layer MSE for one batch, keyed by layer index."""
         self._outputs.clear()
-        model(input_ids=input_ids, logits_to_keep=1, use_cache=False)
+        self.forward(model, inputs)
         mse = {i: F.mse_loss(s.float(), t.float()) for i, (s, t) in sorted(self._outputs.items())}
         self._outputs.clear()
         return mse
 
-    def loss(self, model: nn.Module, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
-        mse = torch.stack(list(self.layer_mse(model, input_ids).values())).mean()
+    def loss(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
+        mse = torch.stack(list(self.layer_mse(model, inputs).values())).mean()
         return self.mse_weight * mse, {"mse": mse.item()}
 
     def validate(self, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
         device = next(p for p in model.parameters()).device
         totals: dict[int, float] = {}
-        for input_ids, _ in batches:
-            for i, mse in self.layer_mse(model, input_ids.to(device)).items():
+        for inputs, _ in batches:
+            for i, mse in self.layer_mse(model, inputs.to(device)).items():
                 totals[i] = totals.get(i, 0.0) + mse.item() / len(batches)
         mean = sum(totals.values()) / len(totals)
         return {
@@ -68,6 +80,34 @@ class TransferObjective:
         }
 
 
+def per_layer_mse(metrics: dict[str, float], prefix: str = "mse/layer_") -> dict[int, float]:
+    return {int(k.rsplit("_", 1)[-1]): v for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def _train_joint(prepared, model, out_dir: Path, accelerator: Accelerator, tracker) -> dict:
+    cfg = prepared.config
+    objective = TransferObjective(attention_layers(model), cfg.transfer.mse_weight)
+    state = train(
+        model, objective, prepared.data.train, prepared.data.val, cfg.train, out_dir,
+        accelerator=accelerator, seed=cfg.run.seed, resume=cfg.run.resume, tracker=tracker,
+    )  # fmt: skip
+    # Validation MSE of the weights kept (the best), per layer.
+    last = state.history[-1] if state.history else {}
+    per_layer = per_layer_mse(last, "val/mse/layer_")
+    if state.best_step != state.step or not per_layer:
+        batches = validation_batches(prepared.data.val, cfg.train, cfg.run.seed, accelerator)
+        per_layer = per_layer_mse(validate(objective, model, batches, accelerator))
+    rows = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
+    return {
+        "val_mse_per_layer": per_layer,
+        "best_step": state.best_step,
+        "steps": state.step,
+        "stopped_early": state.stopped_early,
+        "tokens": state.step * rows * cfg.data.seq_len,
+        "history": state.history,
+    }
+
+
 def run_transfer(prepared, accelerator: Accelerator, tracker: Tracker | None = None) -> Path:
     """Swap, train, optionally return the worst layers to softmax, write results and report.
 
@@ -75,23 +115,17 @@ def run_transfer(prepared, accelerator: Accelerator, tracker: Tracker | None = N
         The stage's output directory (``<run.dir>/transfer``).
     """
     cfg = prepared.config
-    if cfg.transfer.mode != "joint":
-        raise NotImplementedError("transfer.mode=blockwise is not built yet; use transfer.mode=joint")
     out_dir = Path(cfg.run.dir) / "transfer"
     out_dir.mkdir(parents=True, exist_ok=True)
     model = prepared.teacher
     report = swap_attention(model, cfg.attention, seed=cfg.run.seed)
-    objective = TransferObjective(attention_layers(model), cfg.transfer.mse_weight)
-    state = train(
-        model, objective, prepared.data.train, prepared.data.val, cfg.train, out_dir,
-        accelerator=accelerator, seed=cfg.run.seed, resume=cfg.run.resume, tracker=tracker,
-    )  # fmt: skip
-    final = state.history[-1] if state.history else {}
-    per_layer = {int(k.split("_")[-1]): v for k, v in final.items() if k.startswith("val/mse/layer_")}
-    if state.best_step != state.step or not per_layer:  # the model now holds the best weights
-        batches = validation_batches(prepared.data.val, cfg.train, cfg.run.seed, accelerator)
-        val = validate(objective, model, batches, accelerator)
-        per_layer = {int(k.split("_")[-1]): v for k, v in val.items() if k.startswith("mse/layer_")}
+    if cfg.transfer.mode == "joint":
+        outcome = _train_joint(prepared, model, out_dir, accelerator, tracker)
+    else:
+        from linearize.train.blockwise import train_blockwise
+
+        outcome = train_blockwise(prepared, model, out_dir, accelerator)
+    per_layer = outcome["val_mse_per_layer"]
     kept = sorted(sorted(per_layer, key=per_layer.get, reverse=True)[: cfg.attention.keep_softmax])
     if kept:
         restore_softmax(model, kept)
@@ -99,24 +133,20 @@ def run_transfer(prepared, accelerator: Accelerator, tracker: Tracker | None = N
     set_mode(model, "student")
     result = {
         "attention": asdict(cfg.attention),
+        "mode": cfg.transfer.mode,
         "swapped": [i for i in report.swapped if i not in kept],
         "softmax_layers": sorted(report.softmax + kept),
         "kept_softmax": kept,
+        **outcome,
         "val_mse_per_layer": {str(i): per_layer[i] for i in sorted(per_layer)},
         "val_mse_mean": sum(per_layer.values()) / len(per_layer),
-        "best_step": state.best_step,
-        "steps": state.step,
-        "stopped_early": state.stopped_early,
-        "tokens": state.step * cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes * cfg.data.seq_len,
-        "history": state.history,
     }
     if accelerator.is_main_process:
         save_file(trainable_state(model), out_dir / "attention.safetensors")
         (out_dir / "result.json").write_text(json.dumps(result, indent=1))
         plot_transfer(result, out_dir / "transfer_report.png")
     log.info(
-        "transfer done: %d steps, val MSE mean %.4g (best step %d); results in %s",
-        state.step, result["val_mse_mean"], state.best_step, out_dir,
+        "transfer done (%s): val MSE mean %.4g; results in %s",
+        cfg.transfer.mode, result["val_mse_mean"], out_dir,
     )  # fmt: skip
     return out_dir
-
