@@ -114,7 +114,8 @@ def mmlu_block(row, with_answer: bool) -> str:
 
 
 def hand_mmlu(eval_dir, subject, n=3):
-    header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    topic = subject.replace("_", " ")
+    header = f"The following are multiple choice questions (with answers) about {topic}.\n\n"
     shots = "".join(mmlu_block(row, True) for row in mmlu_rows(eval_dir, subject, "dev")[:5])
     return [
         (header + shots + mmlu_block(row, False), ["A", "B", "C", "D"], "ABCD".index(row[5]))
@@ -216,7 +217,7 @@ def test_same_requests_as_the_standard_task(name, local_tasks, data_dir):
         local.OUTPUT_TYPE, local.config.metric_list
     )
     shots = LOCAL_TASKS["mmlu"].num_fewshot if name in MMLU_CHECKED else 0
-    assert local.config.num_fewshot == (shots or None)
+    assert local.config.num_fewshot == standard.config.num_fewshot  # none: shots are per run
     standard_docs, local_docs = standard.eval_docs, local.eval_docs
     for i in range(3):
         doc, ours = standard_docs[i], local_docs[i]
@@ -241,23 +242,23 @@ def test_mmlu_subjects_and_descriptions_are_the_harness_ones(local_tasks):
         assert task.resolve_field(task.eval_docs[0], task.config.description) == description
 
 
-def loglikelihood(model, tokenizer, context: str, continuation: str, max_len=None) -> float:
+def loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
     """Sum of log p(continuation tokens | context), tokenized as context + continuation and
-    split where the context's own tokens end; the context is cut from the left to ``max_len``."""
+    split where the context's own tokens end."""
     ctx = tokenizer(context, add_special_tokens=False).input_ids
     cont = tokenizer(context + continuation, add_special_tokens=False).input_ids[len(ctx) :]
-    ids = (ctx + cont)[-(max_len + 1) :] if max_len else ctx + cont
+    ids = ctx + cont
     with torch.no_grad():
         logits = model(torch.tensor([ids[:-1]]), logits_to_keep=len(cont)).logits[0]
     logp = F.log_softmax(logits.float(), -1)  # (len(cont), V)
     return logp.gather(-1, torch.tensor(cont)[:, None]).sum().item()
 
 
-def hand_scores(model, tokenizer, items, max_len=None) -> tuple[list[float], list[float]]:
+def hand_scores(model, tokenizer, items) -> tuple[list[float], list[float]]:
     """Per-item acc and acc_norm (log-likelihood over the choice's length in characters)."""
     acc, acc_norm = [], []
     for context, choices, gold in items:
-        lls = np.array([loglikelihood(model, tokenizer, context, " " + c, max_len) for c in choices])
+        lls = np.array([loglikelihood(model, tokenizer, context, " " + c) for c in choices])
         acc.append(float(np.argmax(lls) == gold))
         acc_norm.append(float(np.argmax(lls / np.array([len(c) for c in choices])) == gold))
     return acc, acc_norm
@@ -265,7 +266,8 @@ def hand_scores(model, tokenizer, items, max_len=None) -> tuple[list[float], lis
 
 def test_scores_equal_hand_computation(model, tokenizer, data_dir, eval_dir):
     report = evaluate(model, tokenizer, ["piqa", "arc_easy"], data_dir=data_dir, limit=3)
-    for task, items in (("piqa", hand_piqa(eval_dir)), ("arc_easy", hand_arc(eval_dir, "ARC-Easy"))):
+    hand = {"piqa": hand_piqa(eval_dir), "arc_easy": hand_arc(eval_dir, "ARC-Easy")}
+    for task, items in hand.items():
         acc, acc_norm = hand_scores(model, tokenizer, items)
         row = report[task]
         assert row["n"] == 3 and row["metric"] == LOCAL_TASKS[task].metric
@@ -296,13 +298,25 @@ def test_mmlu_is_the_size_weighted_mean_over_subjects(tokenizer, data_dir, eval_
         for context, letters, gold in (hand_mmlu(eval_dir, s, n=1)[0] for s in group):
             # Each answer " A".." D" is one token, so one forward on the (cut) context scores all.
             ctx = tokenizer(context, add_special_tokens=False).input_ids
-            answers = [tokenizer(context + " " + x).input_ids[len(ctx) :] for x in letters]
+            answers = [
+                tokenizer(context + " " + x, add_special_tokens=False).input_ids[len(ctx) :]
+                for x in letters
+            ]
             assert all(len(a) == 1 for a in answers)
             with torch.no_grad():
                 logits = model(torch.tensor([ctx[-128:]]), logits_to_keep=1).logits[0, -1]
             acc.append(float(logits[[a[0] for a in answers]].argmax() == gold))
     assert row["n"] == 57 and row["metric"] == "acc"
     assert row["value"] == pytest.approx(np.mean(acc))
+
+
+def test_local_files_are_where_the_tasks_read_them(data_dir, local_tasks):
+    assert {task: missing_data(task, data_dir) for task in LOCAL_TASKS} == {
+        task: [] for task in LOCAL_TASKS
+    }
+    for task, spec in LOCAL_TASKS.items():
+        if spec.data_kwargs:  # the files missing_data checks are the ones the task reads
+            assert local_tasks[spec.local].config.dataset_kwargs == spec.data_kwargs
 
 
 def test_missing_data_is_reported_not_dropped(model, tokenizer, data_dir, tmp_path):

@@ -98,7 +98,7 @@ def perplexity(
 
 
 def wikitext2_text(data_dir: str | Path) -> str:
-    """The WikiText-2 (raw, v1) test split as one string: ``<data_dir>/eval/wikitext2/wiki.test.raw``.
+    """WikiText-2 (raw, v1) test as one string, from ``<data_dir>/eval/wikitext2/wiki.test.raw``.
 
     The file verbatim, i.e. the hub rows joined as they were split (one newline each), not the
     ``"\\n\\n".join`` of the transformers docs' example, which doubles every line break.

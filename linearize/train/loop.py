@@ -263,6 +263,8 @@ def train(
         if cfg.scheduler != "plateau":
             scheduler.step()
         state.step += 1
+        # Each process saw its own rows: log the mean over processes.
+        metrics = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in metrics.items()}
         metrics.update(grad_norm=float(grad_norm), lr=optimizer.param_groups[0]["lr"])
         record = {"step": state.step, **{f"train/{k}": v for k, v in metrics.items()}}
         bar.update(1)

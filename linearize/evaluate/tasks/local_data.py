@@ -6,16 +6,15 @@ lm-eval calls it with the task manager's metadata (which carries ``data_dir``) a
 document fields are those of the hub data set the standard harness task reads, so the task's
 prompt templates apply unchanged:
 
-==============  =====================================  ===========================================
-local task      hub data set (split)                   document fields
-==============  =====================================  ===========================================
-piqa_local      ``baber/piqa`` (validation)            goal, sol1, sol2, label (int 0/1)
-arc_*_local     ``allenai/ai2_arc`` (test)             id, question, choices{text,label}, answerKey
-hellaswag_local ``Rowan/hellaswag`` (validation)       activity_label, ctx_a, ctx_b, ctx, endings,
-                                                       label (str), before the harness's process_docs
-winogrande_loc. ``allenai/winogrande`` xl (validation) qID, sentence, option1, option2, answer ("1"/"2")
-mmlu_local      ``cais/mmlu`` <subject> (test, dev)    question, subject, choices[4], answer (int 0-3)
-==============  =====================================  ===========================================
+- ``piqa_local``: ``baber/piqa`` validation; goal, sol1, sol2, label (int 0/1).
+- ``arc_easy_local``, ``arc_challenge_local``: ``allenai/ai2_arc`` test; id, question,
+  choices {text, label}, answerKey.
+- ``hellaswag_local``: ``Rowan/hellaswag`` validation; activity_label, ctx_a, ctx_b, ctx, endings,
+  label (str), to which the harness's own ``process_docs`` then adds query, choices, gold.
+- ``winogrande_local``: ``allenai/winogrande`` winogrande_xl validation; qID, sentence, option1,
+  option2, answer ("1"/"2").
+- ``mmlu_local`` (57 subject tasks): ``cais/mmlu`` <subject> test and dev; question, subject,
+  choices (4 strings), answer (int 0-3).
 
 The HellaSwag copy is a text form that lost the ``ctx_a``/``ctx_b`` split (see
 :func:`load_hellaswag`). Every other set holds the same records as the hub split.
