@@ -1,7 +1,7 @@
 # make setup  : .venv with a CPU torch (when no GPU is present) and linearize[dev]
 # make test   : the whole suite CI runs (unit + integration on the real SmolLM2 teacher)
 # make test-fast : unit tests only (seconds), for the inner loop
-# make demo   : the main job on the embedded default teacher, a few minutes on 2 CPU cores
+# make demo   : stage-1 transfer on the embedded SmolLM2 teacher, a few minutes on 2 CPU cores
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -31,8 +31,9 @@ test-fast:
 	$(PY) -m pytest tests -m "not slow"
 
 demo:
-	$(PY) -m linearize stage=prepare model=smollm2-135m attention=lolcats \
-		data.max_examples=2000 run.dir=runs/demo
+	$(PY) -m linearize stage=transfer model=smollm2-135m attention=lolcats \
+		data.max_examples=1000 data.seq_len=256 train.batch_size=1 train.grad_accum=2 \
+		train.max_steps=30 train.eval_every=10 train.eval_batches=4 run.dir=runs/demo
 
 clean:
 	rm -rf runs outputs .pytest_cache

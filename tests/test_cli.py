@@ -75,3 +75,23 @@ def test_missing_data_file_fails_before_model_load(tmp_path):
     text = out.stdout + out.stderr
     assert "instruct/gsm_8k_train.json" in text and "LINEARIZE_DATA" in text
     assert "teacher 'tiny-llama'" not in text
+
+
+def test_transfer_runs_and_resumes_from_the_command_line(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        "stage=transfer", "model=tiny-llama", "attention=lolcats", "data.max_examples=60",
+        "data.seq_len=64", "train.grad_accum=1", "train.eval_every=2", f"run.dir={run_dir}",
+        f"data_dir={data_root()}",
+    ]  # fmt: skip
+    first = run_cli(*args, "train.max_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = run_dir / "transfer"
+    for name in ("attention.safetensors", "result.json", "transfer_report.png", "best.safetensors"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000002"
+    second = run_cli(*args, "train.max_steps=4", "run.resume=true")
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert "resumed from" in log and "at step 2 of 4" in log
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000004"

@@ -18,14 +18,7 @@ from datasets import DatasetDict
 
 from linearize.evaluate.harness import LOCAL_TASKS, evaluate, missing_data, task_manager
 from linearize.evaluate.perplexity import perplexity, wikitext2_text, window_targets
-from linearize.evaluate.tasks import mmlu_subjects
-from linearize.evaluate.tasks.local_data import (
-    load_arc,
-    load_hellaswag,
-    load_mmlu,
-    load_piqa,
-    load_winogrande,
-)
+from linearize.evaluate.tasks import local_data, mmlu_subjects
 from tests.conftest import data_root
 
 STANDARD_TASKS = Path(lm_eval.tasks.__file__).parent
@@ -199,20 +192,21 @@ def standard_task(yaml_path: str, dataset: DatasetDict):
     return ConfigurableTask(config=cfg)
 
 
-STANDARD = {
-    "piqa_local": ("piqa/piqa.yaml", load_piqa, {}),
-    "arc_easy_local": ("arc/arc_easy.yaml", load_arc, {"subset": "ARC-Easy"}),
-    "arc_challenge_local": ("arc/arc_challenge.yaml", load_arc, {"subset": "ARC-Challenge"}),
-    "hellaswag_local": ("hellaswag/hellaswag.yaml", load_hellaswag, {}),
-    "winogrande_local": ("winogrande/default.yaml", load_winogrande, {}),
-    **{s: (f"mmlu/default/mmlu_{s}.yaml", load_mmlu, {"subject": s}) for s in MMLU_CHECKED},
+STANDARD = {  # local task: (lm-eval's yaml, our reader, its dataset_kwargs)
+    "piqa_local": ("piqa/piqa.yaml", "piqa", {}),
+    "arc_easy_local": ("arc/arc_easy.yaml", "arc", {"subset": "ARC-Easy"}),
+    "arc_challenge_local": ("arc/arc_challenge.yaml", "arc", {"subset": "ARC-Challenge"}),
+    "hellaswag_local": ("hellaswag/hellaswag.yaml", "hellaswag", {}),
+    "winogrande_local": ("winogrande/default.yaml", "winogrande", {}),
+    **{s: (f"mmlu/default/mmlu_{s}.yaml", "mmlu", {"subject": s}) for s in MMLU_CHECKED},
 }
 
 
 @pytest.mark.parametrize("name", list(STANDARD))
 def test_same_requests_as_the_standard_task(name, local_tasks, data_dir):
-    path, loader, kwargs = STANDARD[name]
-    standard, local = standard_task(path, loader(data_dir, **kwargs)), local_tasks[name]
+    path, reader, kwargs = STANDARD[name]
+    dataset = getattr(local_data, f"load_{reader}")(data_dir, **kwargs)
+    standard, local = standard_task(path, dataset), local_tasks[name]
     assert (standard.OUTPUT_TYPE, standard.config.metric_list) == (
         local.OUTPUT_TYPE, local.config.metric_list
     )

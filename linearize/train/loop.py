@@ -226,12 +226,14 @@ def train(
         raise ValueError("nothing to train: the model has no parameter that requires grad")
     out_dir.mkdir(parents=True, exist_ok=True)
     world, rank = accelerator.num_processes, accelerator.process_index
-    state = TrainState(total_steps=plan_steps(cfg, len(train_split), world))
+    total = plan_steps(cfg, len(train_split), world)
+    state = TrainState(total_steps=total)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = make_scheduler(cfg, optimizer, state.total_steps)
+    scheduler = make_scheduler(cfg, optimizer, total)
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        state.total_steps = total  # this run's plan: a resume may extend train.max_steps
         log.info("resumed from %s at step %d of %d", ckpt, state.step, state.total_steps)
     elif resume:
         log.info("run.resume=true but %s holds no checkpoint; starting fresh", out_dir)

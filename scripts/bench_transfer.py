@@ -1,0 +1,153 @@
+"""Stage-1 cost against the teacher: step time / teacher forward, peak memory / teacher peak.
+
+    .venv/bin/python scripts/bench_transfer.py                      # SmolLM2-135M, 1x1024, lolcats
+    .venv/bin/python scripts/bench_transfer.py --seq-len 512 --attention hedgehog --json out.json
+
+Teacher: one no-grad forward of the unswapped model (SDPA, full logits), as inference runs it.
+Stage 1: one joint transfer step (teacher softmax + student per layer, per-layer MSE, backward
+into the new parameters only, AdamW step). Both on the same random token ids.
+
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what the weights hold; on CPU, the
+peak resident set size sampled every millisecond above the level just before the measured
+call (an approximation: the allocator may keep freed memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from linearize.config import register_configs, validate  # noqa: E402
+from linearize.models.load import load_teacher, resolve_device  # noqa: E402
+from linearize.models.swap import attention_layers, swap_attention  # noqa: E402
+from linearize.train.transfer import TransferObjective  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+class PeakMemory:
+    """Peak memory of the block it wraps, above the level at its start, in bytes."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base, self._stop = _rss(), False
+            self._high = self.base
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop:
+            self._high = max(self._high, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop = True
+            self._thread.join()
+            self.peak = max(self._high, _rss()) - self.base
+
+
+def timed(fn, device: torch.device, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="a configs/model name")
+    parser.add_argument("--attention", default="lolcats", help="a configs/attention name")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        cfg = validate(compose("config", overrides=[f"model={args.model}", f"attention={args.attention}"]))
+    device = resolve_device(args.device)
+    model = load_teacher(cfg.model, cache_dir=cfg.cache_dir, device=device)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len),
+                        generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip
+
+    def teacher_forward():
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+
+    teacher_forward()  # warm-up
+    with PeakMemory(device) as teacher_mem:
+        teacher_forward()
+    teacher_times = timed(teacher_forward, device, args.repeats)
+
+    swap_attention(model, cfg.attention)
+    objective = TransferObjective(attention_layers(model), cfg.transfer.mse_weight)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
+
+    def transfer_step():
+        loss, _ = objective.loss(model, ids, ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    transfer_step()  # warm-up (also allocates AdamW's state)
+    with PeakMemory(device) as step_mem:
+        transfer_step()
+    step_times = timed(transfer_step, device, args.repeats)
+
+    t_teacher, t_step = statistics.median(teacher_times), statistics.median(step_times)
+    result = {
+        "model": args.model, "attention": args.attention, "device": str(device),
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "batch": args.batch, "seq_len": args.seq_len,
+        "teacher_forward_s": t_teacher, "transfer_step_s": t_step, "time_ratio": t_step / t_teacher,
+        "teacher_peak_mib": teacher_mem.peak / 2**20, "transfer_peak_mib": step_mem.peak / 2**20,
+        "memory_ratio": step_mem.peak / max(teacher_mem.peak, 1),
+    }  # fmt: skip
+    print(f"{args.model} / {args.attention}, batch {args.batch} x {args.seq_len} tokens on {result['device_name']}"
+          f" ({result['threads']} threads), median of {args.repeats}")  # fmt: skip
+    print(f"{'':28}{'teacher fwd':>14}{'stage-1 step':>14}{'ratio':>8}")
+    print(f"{'time (s)':28}{t_teacher:14.3f}{t_step:14.3f}{result['time_ratio']:8.2f}")
+    print(f"{'peak memory above start (MiB)':28}{result['teacher_peak_mib']:13.0f} "
+          f"{result['transfer_peak_mib']:13.0f} {result['memory_ratio']:8.2f}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
