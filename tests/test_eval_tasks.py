@@ -80,6 +80,8 @@ def hand_arc(eval_dir, subset, n=3):
 
 
 def hand_hellaswag(eval_dir, n=3):
+    # Item 0 reads "...on a roof. he": the hub task has "He" (ctx_b capitalised), which the text
+    # form cannot reproduce, having joined ctx_a and ctx_b (the documented difference).
     lines = (eval_dir / "hellaswag/hellaswag_val_full.txt").read_text().split("\n")
     return [(lines[6 * i], lines[6 * i + 2 : 6 * i + 6], int(lines[6 * i + 1])) for i in range(n)]
 
