@@ -217,18 +217,17 @@ class TransferConfig:
     mse_weight: float = 1000.0
     """Loss = mse_weight x mean over layers of MSE(student, teacher) (LoLCATs: 1000)."""
     xent_weight: float = 0.0
-    """Weight of Hedgehog's attention-weight cross-entropy (not supported yet: must be 0)."""
+    """Weight of Hedgehog's cross-entropy between teacher and student attention weights
+    (0: off, the LoLCATs recipe). Costs a T x T matrix per layer."""
 
     def __post_init__(self) -> None:
         _choice("transfer.mode", self.mode, ("joint", "blockwise"))
         _positive("transfer.block_size", self.block_size)
         _positive("transfer.shard_rows", self.shard_rows)
-        _positive("transfer.mse_weight", self.mse_weight)
-        if self.xent_weight != 0:
-            raise ValueError(
-                f"transfer.xent_weight={self.xent_weight}: the attention-weight cross-entropy is "
-                "not implemented yet; use transfer.xent_weight=0 (MSE only, the LoLCATs recipe)"
-            )
+        _positive("transfer.mse_weight", self.mse_weight, allow_zero=True)
+        _positive("transfer.xent_weight", self.xent_weight, allow_zero=True)
+        if self.mse_weight == 0 and self.xent_weight == 0:
+            raise ValueError("transfer.mse_weight and transfer.xent_weight are both 0: no loss")
 
 
 @dataclass

@@ -115,7 +115,7 @@ def main() -> None:
     teacher_times = timed(teacher_forward, device, args.repeats)
 
     swap_attention(model, cfg.attention)
-    objective = TransferObjective(attention_layers(model), cfg.transfer.mse_weight)
+    objective = TransferObjective(attention_layers(model), cfg.transfer.mse_weight, cfg.transfer.xent_weight)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
 

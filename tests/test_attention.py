@@ -250,7 +250,7 @@ def test_transfer_mode_collects_both_and_passes_the_teacher_on():
     swap_attention(model, cfg.attention)
     seen = {}
     for layer in attention_layers(model):
-        layer.collector = lambda i, s, t: seen.__setitem__(i, (s, t))
+        layer.collector = lambda i, s, t, p: seen.__setitem__(i, (s, t))
     set_mode(model, "transfer")
     out = model(x).logits
     torch.testing.assert_close(out, teacher_logits, rtol=1e-5, atol=1e-5)

@@ -259,3 +259,51 @@ def test_blockwise_run_writes_the_same_kind_of_result_as_joint(tmp_path):
     assert joint_w.keys() == block_w.keys() and len(joint_w) == 6
     assert joint["val_mse_per_layer"].keys() == block["val_mse_per_layer"].keys()
     assert block["swapped"] == joint["swapped"] == [0, 1]
+
+
+def test_attention_weight_cross_entropy(tmp_path):
+    prep = prepared(tmp_path, "stage=transfer", "attention=lolcats", "transfer.xent_weight=1.0")
+    model = prep.teacher
+    swap_attention(model, prep.config.attention)
+    batch = prep.data.train.input_ids[:2]
+    entropies = {}
+
+    def teacher_entropy(i, student, teacher, p):
+        w = ops.softmax_weights(p.q, p.k, scale=p.scale)
+        entropies[i] = -(w * w.clamp_min(1e-12).log()).sum(-1).mean()
+
+    for layer in attention_layers(model):
+        layer.mode, layer.collector = "transfer", teacher_entropy
+    with torch.no_grad():
+        model(input_ids=batch, logits_to_keep=1)
+    # window 64 >= T = 64: the student's weights are the teacher's (up to the normalizer's
+    # eps), so the cross-entropy equals the teacher's entropy, its minimum.
+    objective = TransferObjective(attention_layers(model), 0.0, xent_weight=1.0)
+    terms = objective.layer_terms(model, batch)
+    assert sorted(terms) == [0, 1]
+    for i, t in terms.items():
+        torch.testing.assert_close(t["xent"], entropies[i], rtol=1e-4, atol=1e-5)
+    # With a window of 8 the student differs: the cross-entropy exceeds the entropy, and its
+    # gradient reaches every new parameter.
+    for layer in attention_layers(model):
+        layer.mixer.window = 8
+    loss, parts = objective.loss(model, batch, batch)
+    assert parts["xent"] > sum(float(e) for e in entropies.values()) / len(entropies)
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".mixer." in n)
+
+
+def test_weights_reproduce_the_quadratic_outputs():
+    from linearize.ops import reference as ref
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 20, 8, generator=g) for _ in range(3))
+    fq, fk = q.softmax(-1), k.softmax(-1)
+    wf = torch.full((4,), 0.3)
+    torch.testing.assert_close(ref.linear_attn_weights(fq, fk) @ v, ref.linear_attn_quadratic(fq, fk, v))
+    torch.testing.assert_close(
+        ref.window_attn_weights(q, k, fq, fk, window=5, window_factor=wf, scale=0.3) @ v,
+        ref.window_attn_quadratic(q, k, v, fq, fk, window=5, window_factor=wf, scale=0.3),
+    )
+    torch.testing.assert_close(ref.softmax_weights(q, k, scale=0.3, window=5) @ v,
+                               ref.softmax_attn(q, k, v, scale=0.3, window=5))  # fmt: skip

@@ -7,8 +7,9 @@ the zoo's linear attentions — which returns per-head outputs. ``mode`` decides
 - ``student``: the mixer's output (the converted model);
 - ``teacher``: softmax attention over the same q, k, v (the original model, to fp rounding);
 - ``transfer``: both are computed from one pass over the projections; the student and teacher
-  outputs go to ``collector`` (stage 1's loss) and the teacher's output flows on, so every
-  layer trains on the inputs the teacher would give it.
+  outputs (and the projected inputs, for losses on attention weights) go to ``collector``
+  (stage 1's loss) and the teacher's output flows on, so every layer trains on the inputs the
+  teacher would give it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from linearize import ops
 
 MODES = ("student", "teacher", "transfer")
 RotaryFn = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
-Collector = Callable[[int, Tensor, Tensor], None]
+Collector = Callable[[int, Tensor, Tensor, "Projected"], None]
 
 
 @dataclass
@@ -100,6 +101,6 @@ class AttentionLayer(nn.Module):
             if self.collector is None:
                 raise RuntimeError("mode='transfer' needs a collector for the per-layer outputs")
             y = self.teacher_attention(p)
-            self.collector(self.layer_idx, self.mixer(p), y)
+            self.collector(self.layer_idx, self.mixer(p), y, p)
         b, _, t, _ = y.shape
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1)), None  # (B, T, hidden)

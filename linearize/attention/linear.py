@@ -24,3 +24,7 @@ class LinearAttention(nn.Module):
             self.feature_q(p.q), self.feature_k(p.k), p.v,
             eps=self.eps, chunk_size=self.chunk_size, backend=self.backend,
         )  # fmt: skip
+
+    def weights(self, p: Projected) -> Tensor:
+        """(B, H, T, T) attention weights, for the attention-weight cross-entropy."""
+        return ops.linear_attn_weights(self.feature_q(p.q), self.feature_k(p.k), eps=self.eps)

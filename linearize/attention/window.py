@@ -32,3 +32,13 @@ class WindowAttention(nn.Module):
             window=self.window, window_factor=torch.sigmoid(self.window_factor), scale=p.scale,
             eps=lin.eps, chunk_size=lin.chunk_size, backend=lin.backend,
         )  # fmt: skip
+
+    def weights(self, p: Projected) -> Tensor:
+        """(B, H, T, T) attention weights, for the attention-weight cross-entropy."""
+        if self.window == 0:
+            return self.linear.weights(p)
+        lin = self.linear
+        return ops.window_attn_weights(
+            p.q, p.k, lin.feature_q(p.q), lin.feature_k(p.k), window=self.window,
+            window_factor=torch.sigmoid(self.window_factor), scale=p.scale, eps=lin.eps,
+        )  # fmt: skip

@@ -14,11 +14,20 @@ from torch import Tensor
 from linearize.config import BACKENDS
 from linearize.log import get_logger
 from linearize.ops import reference
-from linearize.ops.reference import GatedState, LinearState, WindowState, expand_kv
+from linearize.ops.reference import (  # attention weights: dense T x T, for losses on them
+    GatedState,
+    LinearState,
+    WindowState,
+    expand_kv,
+    linear_attn_weights,
+    softmax_weights,
+    window_attn_weights,
+)
 
 __all__ = [
     "BACKENDS", "GatedState", "LinearState", "WindowState", "gated_attn", "linear_attn",
-    "resolve_backend", "softmax_attn", "window_attn",
+    "linear_attn_weights", "resolve_backend", "softmax_attn", "softmax_weights", "window_attn",
+    "window_attn_weights",
 ]  # fmt: skip
 
 log = get_logger(__name__)

@@ -31,6 +31,7 @@ __all__ = [
     "linear_attn_quadratic", "linear_attn_chunked", "linear_attn_step",
     "window_attn_quadratic", "window_attn_chunked", "window_attn_step",
     "gated_attn_quadratic", "gated_attn_chunked", "gated_attn_step",
+    "linear_attn_weights", "window_attn_weights", "softmax_weights",
 ]  # fmt: skip
 
 
@@ -496,3 +497,39 @@ def softmax_attn(q: Tensor, k: Tensor, v: Tensor, *, scale: float, window: int |
     hidden = (dist < 0) | (dist >= (t if window is None else window))
     s = (q @ k.mT * scale).masked_fill(hidden, float("-inf"))
     return (s.softmax(-1) @ v).to(dtype)
+
+
+def linear_attn_weights(q: Tensor, k: Tensor, *, eps: float = 1e-6) -> Tensor:
+    """The (B, H, T, T) row-normalized weights of `linear_attn_quadratic`: y = weights @ v.
+
+    Used for Hedgehog's attention-weight cross-entropy; q: (B, H, T, F); k: (B, H_kv, T, F).
+    """
+    h, t = q.shape[1], q.shape[2]
+    q, k = _up(h, q, q, k)
+    a = (q @ k.mT).masked_fill(_distance(t, t, 0, q.device) < 0, 0.0)  # (B, H, T, T)
+    return a / (a.sum(-1, keepdim=True) + eps)
+
+
+def window_attn_weights(
+    q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, *, window: int, window_factor: Tensor,
+    scale: float, eps: float = 1e-6,
+) -> Tensor:  # fmt: skip
+    """The (B, H, T, T) weights of `window_attn_quadratic` (softmax and linear parts, one
+    normalizer): y = weights @ v."""
+    _check_positive("window", window)
+    h, t = q.shape[1], q.shape[2]
+    q, fq, k, fk = _up(h, q, q, fq, k, fk)
+    f = _mix_factor(window_factor, h, q.dtype)
+    dist = _distance(t, t, 0, q.device)
+    s = (q @ k.mT * scale).masked_fill((dist < 0) | (dist >= window), float("-inf"))
+    a = f * torch.exp(s - s.amax(-1, keepdim=True)) + (1 - f) * (fq @ fk.mT).masked_fill(dist < window, 0.0)
+    return a / (a.sum(-1, keepdim=True) + eps)
+
+
+def softmax_weights(q: Tensor, k: Tensor, *, scale: float, window: int | None = None) -> Tensor:
+    """The (B, H, T, T) causal softmax weights of `softmax_attn` (the teacher's attention)."""
+    h, t = q.shape[1], q.shape[2]
+    q, k = _up(h, q, q, k)
+    dist = _distance(t, t, 0, q.device)
+    hidden = (dist < 0) | (dist >= (t if window is None else window))
+    return (q @ k.mT * scale).masked_fill(hidden, float("-inf")).softmax(-1)

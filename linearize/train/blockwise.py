@@ -174,7 +174,9 @@ def train_blockwise(prepared, model: nn.Module, out_dir: Path, accelerator) -> d
         for name, split in (("train", prepared.data.train), ("val", prepared.data.val)):
             hidden = load_boundary(out_dir / "hidden_cache" / name, start)
             splits.append(Split(hidden, torch.zeros(len(hidden), 1, dtype=torch.long), split.examples))
-        objective = TransferObjective(layers, cfg.transfer.mse_weight, forward=lambda m, x: m(x))
+        objective = TransferObjective(
+            layers, cfg.transfer.mse_weight, cfg.transfer.xent_weight, forward=lambda m, x: m(x)
+        )
         state = train(block, objective, splits[0], splits[1], cfg.train, block_dir,
                       accelerator=local, seed=cfg.run.seed, resume=cfg.run.resume)  # fmt: skip
         val = validate(objective, block, validation_batches(splits[1], cfg.train, cfg.run.seed, local), local)

@@ -23,8 +23,9 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from linearize.attention import AttentionLayer
+from linearize.attention import AttentionLayer, Projected
 from linearize.log import Tracker, get_logger
+from linearize import ops
 from linearize.models.swap import attention_layers, restore_softmax, set_mode, swap_attention
 from linearize.plots import plot_transfer
 from linearize.train.loop import train, trainable_state, validate, validation_batches
@@ -38,44 +39,67 @@ def forward_tokens(model: nn.Module, input_ids: Tensor) -> None:
 
 
 class TransferObjective:
-    """Loss = mse_weight x mean over swapped layers of MSE(student output, teacher output)."""
+    """Per swapped layer, MSE(student output, teacher output) and optionally Hedgehog's
+    cross-entropy between the teacher's and the student's attention weights; the loss is
+    mse_weight x mean MSE + xent_weight x mean cross-entropy over layers."""
 
     def __init__(
-        self, layers: list[AttentionLayer], mse_weight: float,
+        self, layers: list[AttentionLayer], mse_weight: float, xent_weight: float = 0.0,
         forward: Callable[[nn.Module, Tensor], None] = forward_tokens,
     ):  # fmt: skip
-        self.mse_weight = mse_weight
+        self.mse_weight, self.xent_weight = mse_weight, xent_weight
         self.forward = forward
-        self._outputs: dict[int, tuple[Tensor, Tensor]] = {}
+        self.layers = {layer.layer_idx: layer for layer in layers}
+        self._terms: dict[int, dict[str, Tensor]] = {}
         for layer in layers:
+            if xent_weight and not hasattr(layer.mixer, "weights"):
+                raise ValueError(f"{type(layer.mixer).__name__} has no attention weights for transfer.xent_weight")
             layer.collector = self._collect
             layer.mode = "transfer"
 
-    def _collect(self, layer_idx: int, student: Tensor, teacher: Tensor) -> None:
-        self._outputs[layer_idx] = (student, teacher)
+    def _collect(self, layer_idx: int, student: Tensor, teacher: Tensor, p: Projected) -> None:
+        terms = {"mse": F.mse_loss(student.float(), teacher.float())}
+        if self.xent_weight:
+            layer = self.layers[layer_idx]
+            target = ops.softmax_weights(p.q, p.k, scale=p.scale, window=layer.sliding_window)
+            log_student = layer.mixer.weights(p).clamp_min(1e-12).log()  # (B, H, T, T)
+            terms["xent"] = -(target * log_student).sum(-1).mean()
+        self._terms[layer_idx] = terms
+
+    def layer_terms(self, model: nn.Module, inputs: Tensor) -> dict[int, dict[str, Tensor]]:
+        """Per-layer loss terms for one batch, keyed by layer index."""
+        self._terms.clear()
+        self.forward(model, inputs)
+        terms, self._terms = dict(sorted(self._terms.items())), {}
+        return terms
 
     def layer_mse(self, model: nn.Module, inputs: Tensor) -> dict[int, Tensor]:
-        """Per-layer MSE for one batch, keyed by layer index."""
-        self._outputs.clear()
-        self.forward(model, inputs)
-        mse = {i: F.mse_loss(s.float(), t.float()) for i, (s, t) in sorted(self._outputs.items())}
-        self._outputs.clear()
-        return mse
+        return {i: t["mse"] for i, t in self.layer_terms(model, inputs).items()}
+
+    def _combine(self, terms: dict[int, dict[str, Tensor]]) -> tuple[Tensor, dict[str, float]]:
+        mse = torch.stack([t["mse"] for t in terms.values()]).mean()
+        loss, parts = self.mse_weight * mse, {"mse": mse.item()}
+        if self.xent_weight:
+            xent = torch.stack([t["xent"] for t in terms.values()]).mean()
+            loss = loss + self.xent_weight * xent
+            parts["xent"] = xent.item()
+        return loss, parts
 
     def loss(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
-        mse = torch.stack(list(self.layer_mse(model, inputs).values())).mean()
-        return self.mse_weight * mse, {"mse": mse.item()}
+        return self._combine(self.layer_terms(model, inputs))
 
     def validate(self, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
         device = next(p for p in model.parameters()).device
         totals: dict[int, float] = {}
+        val_loss = 0.0
         for inputs, _ in batches:
-            for i, mse in self.layer_mse(model, inputs.to(device)).items():
-                totals[i] = totals.get(i, 0.0) + mse.item() / len(batches)
-        mean = sum(totals.values()) / len(totals)
+            terms = self.layer_terms(model, inputs.to(device))
+            val_loss += self._combine(terms)[0].item() / len(batches)
+            for i, t in terms.items():
+                totals[i] = totals.get(i, 0.0) + t["mse"].item() / len(batches)
         return {
-            "val_loss": self.mse_weight * mean,
-            "mse": mean,
+            "val_loss": val_loss,
+            "mse": sum(totals.values()) / len(totals),
             **{f"mse/layer_{i:02d}": v for i, v in totals.items()},
         }
 
@@ -86,7 +110,7 @@ def per_layer_mse(metrics: dict[str, float], prefix: str = "mse/layer_") -> dict
 
 def _train_joint(prepared, model, out_dir: Path, accelerator: Accelerator, tracker) -> dict:
     cfg = prepared.config
-    objective = TransferObjective(attention_layers(model), cfg.transfer.mse_weight)
+    objective = TransferObjective(attention_layers(model), cfg.transfer.mse_weight, cfg.transfer.xent_weight)
     state = train(
         model, objective, prepared.data.train, prepared.data.val, cfg.train, out_dir,
         accelerator=accelerator, seed=cfg.run.seed, resume=cfg.run.resume, tracker=tracker,
