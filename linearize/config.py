@@ -204,6 +204,27 @@ class TrainConfig:
 
 
 @dataclass
+class AdapterConfig:
+    """A PEFT method for stage 2: the name of a peft config class and its arguments."""
+
+    name: str = MISSING
+    peft_config: str = "LoraConfig"
+    """A config class of the ``peft`` package (LoraConfig, VeraConfig, FourierFTConfig, …)."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    options: dict[str, Any] = field(default_factory=dict)
+    """Passed to the peft config class as keyword arguments (r, lora_alpha, use_dora, …)."""
+    train_new: bool = False
+    """Also train the stage-1 parameters (feature maps, window factors) in stage 2."""
+
+    def __post_init__(self) -> None:
+        if not self.target_modules:
+            raise ValueError("adapter.target_modules is empty; name the modules to adapt, e.g. [q_proj,v_proj]")
+        for key in ("r", "lora_alpha", "n_frequency"):
+            if key in self.options:
+                _positive(f"adapter.options.{key}", self.options[key])
+
+
+@dataclass
 class TransferConfig:
     """Stage 1 (attention transfer) settings."""
 
@@ -228,6 +249,18 @@ class TransferConfig:
         _positive("transfer.xent_weight", self.xent_weight, allow_zero=True)
         if self.mse_weight == 0 and self.xent_weight == 0:
             raise ValueError("transfer.mse_weight and transfer.xent_weight are both 0: no loss")
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage 2 settings (the adapter itself is the ``adapter`` group)."""
+
+    start: str = "transfer"
+    """``transfer``: start from ``<run.dir>/transfer`` (stage 1's output); ``swap``: swap the
+    attention in fresh with no transfer (Liger's recipe, and the no-transfer baseline)."""
+
+    def __post_init__(self) -> None:
+        _choice("finetune.start", self.start, ("transfer", "swap"))
 
 
 @dataclass
@@ -286,8 +319,10 @@ class Config:
     model: ModelConfig = MISSING
     attention: AttentionConfig = MISSING
     data: DataConfig = MISSING
+    adapter: AdapterConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -59,6 +59,16 @@ def preflight(config: Config) -> None:
     resolve_device(config.run.device)
     if config.stage in TRAINING_STAGES and config.data.files:
         local_files(config.data, config.data_dir)
+    if config.stage == "finetune" and config.finetune.start == "transfer":
+        from linearize.models.convert import read_manifest
+
+        try:
+            read_manifest(Path(config.run.dir) / "transfer")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"{err}. stage=finetune starts from stage 1's output: run stage=transfer with "
+                f"run.dir={config.run.dir} first, or set finetune.start=swap to skip transfer"
+            ) from None
     if config.stage == "transfer":
         from linearize.attention import build_mixer
 
@@ -99,8 +109,8 @@ def _not_built(name: str, issue: int) -> Callable[[Prepared], None]:
 
 STAGE_RUNNERS: dict[str, Callable[[Prepared], None]] = {
     "prepare": lambda prepared: None,
-    "transfer": lambda prepared: _transfer(prepared),
-    "finetune": _not_built("finetune", 5),
+    "transfer": lambda prepared: _tracked(prepared, "transfer"),
+    "finetune": lambda prepared: _tracked(prepared, "finetune"),
     "uptrain": _not_built("uptrain", 11),
     "eval": _not_built("eval", 6),
     "generate": _not_built("generate", 8),
@@ -108,14 +118,18 @@ STAGE_RUNNERS: dict[str, Callable[[Prepared], None]] = {
 }
 
 
-def _transfer(prepared: Prepared) -> None:
+def _tracked(prepared: Prepared, stage: str) -> None:
+    """Run a training stage with its metrics tracker open."""
     from linearize.log import Tracker
+    from linearize.train.finetune import run_finetune
     from linearize.train.transfer import run_transfer
 
+    run = {"transfer": run_transfer, "finetune": run_finetune}[stage]
     c = prepared.config
-    tracker = Tracker(c.logging.wandb, c.logging.project, str(prepared.run_dir), OmegaConf.to_container(OmegaConf.structured(c)))
+    config = OmegaConf.to_container(OmegaConf.structured(c))
+    tracker = Tracker(c.logging.wandb, c.logging.project, str(prepared.run_dir), config)
     try:
-        run_transfer(prepared, prepared.accelerator, tracker)
+        run(prepared, prepared.accelerator, tracker)
     finally:
         tracker.finish()
 

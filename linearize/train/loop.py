@@ -257,6 +257,11 @@ def train(
             with nullcontext() if sync else accelerator.no_sync(wrapped):
                 loss, parts = objective.loss(wrapped, inputs.to(accelerator.device), labels.to(accelerator.device))
                 accelerator.backward(loss / cfg.grad_accum)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at step {state.step + 1}; the last checkpoint is intact. "
+                    "Lower train.lr or check the data."
+                )
             for k, v in {"loss": loss.item(), **parts}.items():
                 metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)

@@ -20,15 +20,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from linearize.attention import AttentionLayer, Projected
 from linearize.log import Tracker, get_logger
 from linearize import ops
+from linearize.models.convert import save_converted
 from linearize.models.swap import attention_layers, restore_softmax, set_mode, swap_attention
 from linearize.plots import plot_transfer
-from linearize.train.loop import train, trainable_state, validate, validation_batches
+from linearize.train.loop import train, validate, validation_batches
 
 log = get_logger(__name__)
 
@@ -166,7 +166,11 @@ def run_transfer(prepared, accelerator: Accelerator, tracker: Tracker | None = N
         "val_mse_mean": sum(per_layer.values()) / len(per_layer),
     }
     if accelerator.is_main_process:
-        save_file(trainable_state(model), out_dir / "attention.safetensors")
+        save_converted(
+            model, out_dir, teacher=cfg.model, attention=cfg.attention,
+            softmax_layers=result["softmax_layers"], tokenizer=prepared.tokenizer, seed=cfg.run.seed,
+            extra={"stage": "transfer"},
+        )  # fmt: skip
         (out_dir / "result.json").write_text(json.dumps(result, indent=1))
         plot_transfer(result, out_dir / "transfer_report.png")
     log.info(

@@ -1,0 +1,152 @@
+"""Save and load a converted model as deltas over its teacher.
+
+A converted directory holds:
+
+- ``linearize.json``: the teacher (how to load it again: path or hub id, family, dtype, and for
+  a local file its sha256 prefix), the attention config, the layers left as softmax, and the
+  PEFT adapter config when there is one;
+- ``attention.safetensors``: the new attention parameters (feature maps, window factors), by
+  their names in the plain model;
+- ``adapter.safetensors``: the adapter weights (peft's own state dict), when there is one;
+- the tokenizer files.
+
+Every stage's output directory is such a directory, so the next stage (or a user) starts from
+it with :func:`apply_converted` / :func:`load_converted`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import peft
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer
+
+from linearize.config import AdapterConfig, AttentionConfig, ModelConfig
+from linearize.log import get_logger
+from linearize.models.load import file_sha256, load_teacher, load_tokenizer, resolve_source
+from linearize.models.swap import set_mode, swap_attention
+
+log = get_logger(__name__)
+
+MANIFEST = "linearize.json"
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The plain transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if isinstance(model, peft.PeftModel) else model
+
+
+def teacher_record(cfg: ModelConfig) -> dict[str, Any]:
+    record = asdict(cfg)
+    if cfg.path:
+        source = resolve_source(cfg.path)
+        if source.kind != "hub":
+            path = Path(source.location)
+            record["sha256_16"] = file_sha256(path) if path.is_file() else None
+    return record
+
+
+def build_adapter(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> peft.PeftModel:
+    """Wrap ``model`` with the configured peft method; only adapter weights stay trainable.
+
+    The adapter's random initialisation depends on ``seed`` alone (reruns and every process
+    build the same one).
+    """
+    config_class = getattr(peft, cfg.peft_config, None)
+    if config_class is None or not isinstance(config_class, type):
+        raise ValueError(f"adapter.peft_config={cfg.peft_config!r} is not a config class of peft {peft.__version__}")
+    config = config_class(task_type="CAUSAL_LM", target_modules=list(cfg.target_modules), **cfg.options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return peft.get_peft_model(model, config)
+
+
+def save_converted(
+    model: nn.Module, out_dir: Path, *, teacher: ModelConfig, attention: AttentionConfig,
+    softmax_layers: list[int], adapter: Optional[AdapterConfig] = None, tokenizer=None,
+    seed: int = 0, extra: Optional[dict] = None,
+) -> Path:  # fmt: skip
+    """Write the deltas of ``model`` (a swapped teacher, maybe peft-wrapped) to ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plain = base_model(model)
+    new = {n: p.detach().cpu().contiguous() for n, p in plain.named_parameters() if ".mixer." in n}
+    save_file(new, out_dir / "attention.safetensors")
+    if adapter is not None:
+        state = peft.get_peft_model_state_dict(model)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, out_dir / "adapter.safetensors")
+    manifest = {
+        "format": 1,
+        "teacher": teacher_record(teacher),
+        "teacher_seed": seed,  # what random-init teachers (tests) were built from
+        "attention": asdict(replace(attention, softmax_layers=sorted(softmax_layers))),
+        "adapter": asdict(adapter) if adapter is not None else None,
+        **(extra or {}),
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{path} is not a converted model directory: it has no {MANIFEST}")
+    return json.loads(manifest.read_text())
+
+
+def apply_converted(teacher: nn.Module, path: Path, *, with_adapter: bool = True, seed: int = 0) -> nn.Module:
+    """Turn a loaded teacher into the converted model saved at ``path``.
+
+    Returns:
+        The model: the swapped teacher, peft-wrapped when the directory holds an adapter and
+        ``with_adapter``; in ``student`` mode and eval mode.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    attention = AttentionConfig(**manifest["attention"])
+    swap_attention(teacher, attention, seed=seed)
+    new = load_file(path / "attention.safetensors")
+    params = dict(teacher.named_parameters())
+    expected = {n for n in params if ".mixer." in n}
+    if set(new) != expected:
+        raise ValueError(
+            f"{path}/attention.safetensors does not fit this model: "
+            f"missing {sorted(expected - set(new))[:3]}, unknown {sorted(set(new) - expected)[:3]}"
+        )
+    with torch.no_grad():
+        for name, tensor in new.items():
+            params[name].copy_(tensor)
+    set_mode(teacher, "student")
+    model = teacher
+    if manifest["adapter"] is not None and with_adapter:
+        model = build_adapter(teacher, AdapterConfig(**manifest["adapter"]))
+        state = load_file(path / "adapter.safetensors")
+        result = peft.set_peft_model_state_dict(model, state)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{path}/adapter.safetensors has unexpected keys {result.unexpected_keys[:3]}")
+    return model.eval()
+
+
+def load_converted(path: str | Path, *, device: str | torch.device = "cpu", cache_dir: Optional[str] = None):
+    """Load a converted model directory: ``(model, tokenizer)``, ready for forward/generate.
+
+    The teacher is loaded from where the directory's manifest says it came from.
+    """
+    manifest = read_manifest(Path(path))
+    teacher_fields = {k: v for k, v in manifest["teacher"].items() if k != "sha256_16"}
+    cfg = ModelConfig(**teacher_fields)
+    cache = cache_dir or "~/.cache/linearize"
+    teacher = load_teacher(cfg, cache_dir=cache, device=torch.device(device), seed=manifest["teacher_seed"])
+    model = apply_converted(teacher, Path(path))
+    if (Path(path) / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        tokenizer = load_tokenizer(cfg, cache)
+    return model, tokenizer

@@ -1,0 +1,89 @@
+"""Stage 2 (and SUPRA-style uptraining): next-token loss with the same loop as stage 1.
+
+The trainable set is what differs: a peft adapter (``adapter=lora|dora|pissa|olora|fourierft|
+vera``) on the converted model, plus the stage-1 parameters when ``adapter.train_new``.
+The model starts from the stage-1 output (``finetune.start=transfer``) or from a fresh swap
+with no transfer at all (``finetune.start=swap``: Liger's recipe, and the no-transfer baseline).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from linearize.config import AttentionConfig
+from linearize.data import IGNORE_INDEX
+from linearize.log import Tracker, get_logger
+from linearize.models.convert import apply_converted, build_adapter, read_manifest, save_converted
+from linearize.models.swap import attention_layers, set_mode, swap_attention
+from linearize.train.loop import train
+
+log = get_logger(__name__)
+
+
+class NextTokenObjective:
+    """Mean cross-entropy of the next token over positions whose label is not -100."""
+
+    def loss(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
+        logits = model(input_ids=inputs, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+        targets = labels[:, 1:]
+        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        # A packed row may hold only prompt tokens: count at least one so the loss stays finite.
+        count = (targets != IGNORE_INDEX).sum().clamp_min(1)
+        return total / count, {"tokens": float(count)}
+
+    def validate(self, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
+        device = next(p for p in model.parameters()).device
+        losses = [self.loss(model, x.to(device), y.to(device))[0].item() for x, y in batches]
+        mean = sum(losses) / len(losses)
+        return {"val_loss": mean, "ppl": math.exp(min(mean, 50.0))}
+
+
+def start_model(prepared) -> tuple[nn.Module, AttentionConfig, list[int]]:
+    """The converted model stage 2 starts from, its attention config and softmax layers."""
+    cfg = prepared.config
+    transfer_dir = Path(cfg.run.dir) / "transfer"
+    if cfg.finetune.start == "transfer":
+        attention = AttentionConfig(**read_manifest(transfer_dir)["attention"])
+        model = apply_converted(prepared.teacher, transfer_dir, seed=cfg.run.seed)
+        log.info("starting from the stage-1 model in %s", transfer_dir)
+        return model, attention, attention.softmax_layers
+    report = swap_attention(prepared.teacher, cfg.attention, seed=cfg.run.seed)
+    set_mode(prepared.teacher, "student")
+    log.info("finetune.start=swap: attention=%s swapped in with no transfer", cfg.attention.name)
+    return prepared.teacher, cfg.attention, report.softmax
+
+
+def run_finetune(prepared, accelerator: Accelerator, tracker: Tracker | None = None) -> Path:
+    """Add the adapter, train on next-token loss, write the converted model to ``<run.dir>/finetune``."""
+    cfg = prepared.config
+    out_dir = Path(cfg.run.dir) / "finetune"
+    plain, attention_cfg, softmax_layers = start_model(prepared)
+    model = build_adapter(plain, cfg.adapter, seed=cfg.run.seed)
+    if cfg.adapter.train_new:
+        for layer in attention_layers(plain):
+            layer.mixer.requires_grad_(True)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("stage 2 trains %s: %s of %s parameters (%.3f%%)", cfg.adapter.name, f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
+    objective = NextTokenObjective()
+    state = train(
+        model, objective, prepared.data.train, prepared.data.val, cfg.train, out_dir,
+        accelerator=accelerator, seed=cfg.run.seed, resume=cfg.run.resume, tracker=tracker,
+    )  # fmt: skip
+    first_val = next((h["val/val_loss"] for h in state.history if "val/val_loss" in h), None)
+    extra = {"stage": "finetune", "best_val_loss": state.best_val, "initial_val_loss": first_val,
+             "steps": state.step, "best_step": state.best_step}  # fmt: skip
+    if accelerator.is_main_process:
+        save_converted(
+            model, out_dir, teacher=cfg.model, attention=attention_cfg, softmax_layers=softmax_layers,
+            adapter=cfg.adapter, tokenizer=prepared.tokenizer, seed=cfg.run.seed,
+            extra={**extra, "history": state.history},
+        )  # fmt: skip
+    log.info("finetune done: val loss %.4g -> %.4g (best step %d); converted model in %s",
+             first_val, state.best_val, state.best_step, out_dir)  # fmt: skip
+    return out_dir
