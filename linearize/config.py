@@ -16,7 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-STAGES = ("prepare", "transfer", "finetune", "uptrain", "eval", "generate", "all")
+STAGES = ("prepare", "transfer", "finetune", "uptrain", "export", "eval", "generate", "all")
 FAMILIES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEVICES = ("auto", "cpu", "cuda")
@@ -264,6 +264,12 @@ class FinetuneConfig:
 
 
 @dataclass
+class ExportConfig:
+    merge: bool = False
+    """Write the whole model with the adapter merged in, instead of deltas over the teacher."""
+
+
+@dataclass
 class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy"])
     limit: Optional[int] = None
@@ -323,6 +329,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -114,17 +114,18 @@ STAGE_RUNNERS: dict[str, Callable[[Prepared], None]] = {
     "uptrain": _not_built("uptrain", 11),
     "eval": _not_built("eval", 6),
     "generate": _not_built("generate", 8),
-    "all": _not_built("all", 5),
+    "export": lambda prepared: _tracked(prepared, "export"),
 }
 
 
 def _tracked(prepared: Prepared, stage: str) -> None:
     """Run a training stage with its metrics tracker open."""
     from linearize.log import Tracker
+    from linearize.train.export import run_export
     from linearize.train.finetune import run_finetune
     from linearize.train.transfer import run_transfer
 
-    run = {"transfer": run_transfer, "finetune": run_finetune}[stage]
+    run = {"transfer": run_transfer, "finetune": run_finetune, "export": run_export}[stage]
     c = prepared.config
     config = OmegaConf.to_container(OmegaConf.structured(c))
     tracker = Tracker(c.logging.wandb, c.logging.project, str(prepared.run_dir), config)
@@ -134,7 +135,36 @@ def _tracked(prepared: Prepared, stage: str) -> None:
         tracker.finish()
 
 
+ALL_STAGES = ("transfer", "finetune", "export")
+
+
+def run_all(config: Config, cfg: DictConfig) -> None:
+    """transfer -> finetune -> export, each composed as if run alone with ``stage=<it>`` (so each
+    gets its own stage defaults) and ``run.resume=true``. A stage whose output exists is skipped;
+    one interrupted inside resumes from its last checkpoint."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    from linearize.config import validate
+
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("stage=", "run.resume="))]
+    run_dir = Path(config.run.dir)
+    for stage in ALL_STAGES:
+        if (run_dir / stage / "linearize.json").is_file():
+            log.info("stage=all: %s already done (%s), skipping", stage, run_dir / stage)
+            continue
+        sub = compose(config_name="config", overrides=[*overrides, f"stage={stage}", "run.resume=true", f"run.dir={run_dir}"])
+        sub_config = validate(sub)
+        preflight(sub_config)
+        log.info("stage=all: running %s", stage)
+        prepared = prepare(sub_config, sub)
+        STAGE_RUNNERS[stage](prepared)
+
+
 def run_stage(config: Config, cfg: DictConfig) -> None:
+    if config.stage == "all":
+        run_all(config, cfg)
+        return
     prepared = prepare(config, cfg)
     STAGE_RUNNERS[config.stage](prepared)
     log.info("stage %s done; outputs in %s", config.stage, prepared.run_dir)

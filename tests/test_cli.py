@@ -95,3 +95,29 @@ def test_transfer_runs_and_resumes_from_the_command_line(tmp_path):
     log = second.stdout + second.stderr
     assert "resumed from" in log and "at step 2 of 4" in log
     assert (out / "checkpoints" / "latest").read_text() == "step-0000004"
+
+
+def test_stage_all_runs_transfer_finetune_export_and_resumes_between_stages(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        "stage=all", "model=tiny-llama", "attention=lolcats", "attention.window=8",
+        "data.max_examples=60", "data.seq_len=64", "train.grad_accum=1", "train.max_steps=2",
+        "train.eval_every=1", f"run.dir={run_dir}", f"data_dir={data_root()}",
+    ]  # fmt: skip
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for stage in ("transfer", "finetune", "export"):
+        assert (run_dir / stage / "linearize.json").is_file(), stage
+    # as if interrupted after stage 1: the rerun skips transfer and redoes the rest
+    import shutil
+
+    shutil.rmtree(run_dir / "finetune")
+    shutil.rmtree(run_dir / "export")
+    second = run_cli(*args)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "transfer already done" in log and "running finetune" in log and "running export" in log
+    import linearize
+
+    model, tokenizer = linearize.load_converted(run_dir / "export")
+    assert model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=2).shape[1] >= 2

@@ -169,3 +169,19 @@ def test_real_smollm2_transfer_then_finetune(tmp_path):
           f"{teacher / 2**20:.1f} MiB ({100 * delta / teacher:.1f}%)")
     assert vals[-1] < vals[0] - 0.05, vals
     assert delta < 0.05 * teacher
+
+
+def test_export_merged_equals_deltas(tmp_path):
+    from linearize.train.export import run_export
+
+    prep = prepared(tmp_path, "finetune.start=swap", "train.max_steps=2", "train.eval_every=1",
+                    "train.lr=1e-2")  # fmt: skip
+    run_finetune(prep, prep.accelerator)
+    deltas, _ = load_converted(tmp_path / "finetune", cache_dir=prep.config.cache_dir)
+    prep = prepared(tmp_path, "stage=export", "export.merge=true")
+    out = run_export(prep)
+    merged, _ = load_converted(out, cache_dir=prep.config.cache_dir)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    x = torch.randint(0, 1000, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, deltas(input_ids=x).logits, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,55 @@
+"""Export: the final converted model of a run, as deltas over the teacher or merged in full.
+
+``<run.dir>/export`` receives the latest stage's converted model (``finetune`` if it ran, else
+``transfer``). With ``export.merge=true`` the adapter is merged into the projections and the
+whole model is written (``model.safetensors`` + ``config.json``, without the stage-1
+parameters, which stay in ``attention.safetensors``); its manifest then names the export
+directory itself as the teacher, so it loads without the original teacher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import peft
+
+from linearize.config import AdapterConfig, AttentionConfig
+from linearize.log import get_logger
+from linearize.models.convert import MANIFEST, apply_converted, read_manifest, save_converted
+
+log = get_logger(__name__)
+
+
+def latest_stage_dir(run_dir: Path) -> Path:
+    for stage in ("finetune", "transfer"):
+        if (run_dir / stage / MANIFEST).is_file():
+            return run_dir / stage
+    raise FileNotFoundError(f"{run_dir} holds no converted model yet: run stage=transfer (and finetune) first")
+
+
+def run_export(prepared, accelerator=None, tracker=None) -> Path:
+    cfg = prepared.config
+    run_dir = Path(cfg.run.dir)
+    source = latest_stage_dir(run_dir)
+    manifest = read_manifest(source)
+    out_dir = run_dir / "export"
+    model = apply_converted(prepared.teacher, source, seed=cfg.run.seed)
+    attention = AttentionConfig(**manifest["attention"])
+    extra = {"stage": "export", "source": str(source), "merged": cfg.export.merge}
+    if not cfg.export.merge:
+        save_converted(model, out_dir, teacher=cfg.model, attention=attention,
+                       softmax_layers=attention.softmax_layers,
+                       adapter=AdapterConfig(**manifest["adapter"]) if manifest["adapter"] else None,
+                       tokenizer=prepared.tokenizer, seed=cfg.run.seed, extra=extra)  # fmt: skip
+    else:
+        plain = model.merge_and_unload() if isinstance(model, peft.PeftModel) else model
+        teacher_weights = {n: p for n, p in plain.state_dict().items() if ".mixer." not in n}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plain.save_pretrained(out_dir, state_dict=teacher_weights)
+        merged_teacher = replace(cfg.model, path=str(out_dir.resolve()), init="pretrained", tokenizer=None)
+        save_converted(plain, out_dir, teacher=merged_teacher, attention=attention,
+                       softmax_layers=attention.softmax_layers, tokenizer=prepared.tokenizer,
+                       seed=cfg.run.seed, extra=extra)  # fmt: skip
+    log.info("exported %s (%s) to %s", source, "merged" if cfg.export.merge else "deltas", out_dir)
+    return out_dir
