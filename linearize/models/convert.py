@@ -8,7 +8,9 @@ A converted directory holds:
 - ``attention.safetensors``: the new attention parameters (feature maps, window factors), by
   their names in the plain model;
 - ``adapter.safetensors``: the adapter weights (peft's own state dict), when there is one;
-- the tokenizer files.
+- the tokenizer files;
+- ``config.json`` + ``modeling_linearize.py``, so that transformers alone loads it with
+  ``trust_remote_code=True`` (:mod:`linearize.models.remote`).
 
 Every stage's output directory is such a directory, so the next stage (or a user) starts from
 it with :func:`apply_converted` / :func:`load_converted`.
@@ -30,6 +32,7 @@ from transformers import AutoTokenizer
 from linearize.config import AdapterConfig, AttentionConfig, ModelConfig
 from linearize.log import get_logger
 from linearize.models.load import file_sha256, load_teacher, load_tokenizer, resolve_source
+from linearize.models.remote import write_remote_code
 from linearize.models.swap import set_mode, swap_attention
 
 log = get_logger(__name__)
@@ -89,6 +92,7 @@ def save_converted(
         **(extra or {}),
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    write_remote_code(out_dir, plain.config.to_dict())
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir

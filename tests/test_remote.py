@@ -1,0 +1,83 @@
+"""A converted directory loads with transformers alone (trust_remote_code), without linearize."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from linearize.config import validate
+from linearize.models.convert import build_adapter, load_converted, save_converted
+from linearize.models.swap import swap_attention
+from linearize.stages import prepare
+from linearize.train.export import run_export
+from linearize.train.finetune import run_finetune
+from tests.conftest import compose_config, data_root
+
+TINY = ("model=tiny-llama", "attention=lolcats", "attention.window=8", "data.max_examples=60",
+        "data.seq_len=64", "train.grad_accum=1", "train.max_steps=2", "train.eval_every=1",
+        "train.lr=1e-2")  # fmt: skip
+
+# Runs in a fresh interpreter in which `import linearize` fails.
+LOAD = """
+import sys, torch
+sys.modules["linearize"] = None
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+x = torch.load(sys.argv[2])
+with torch.no_grad():
+    torch.save(model(input_ids=x).logits, sys.argv[3])
+"""
+
+
+def prepared(tmp_path: Path, *overrides: str):
+    dc = compose_config(*TINY, f"data_dir={data_root()}", f"run.dir={tmp_path}", *overrides)
+    return prepare(validate(dc), dc)
+
+
+def remote_logits(directory: Path, x: torch.Tensor, tmp_path: Path) -> torch.Tensor:
+    torch.save(x, tmp_path / "x.pt")
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD, str(directory), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf_modules"), "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return torch.load(tmp_path / "y.pt")
+
+
+def test_merged_export_loads_with_transformers_alone(tmp_path):
+    prep = prepared(tmp_path, "finetune.start=swap")
+    run_finetune(prep, prep.accelerator)
+    out = run_export(prepared(tmp_path, "stage=export", "export.merge=true"))
+    assert (out / "modeling_linearize.py").is_file()
+    expected, _ = load_converted(out)
+    x = torch.randint(0, 1000, (2, 30))
+    with torch.no_grad():
+        want = expected(input_ids=x).logits
+    torch.testing.assert_close(remote_logits(out, x, tmp_path), want, rtol=1e-5, atol=1e-5)
+
+
+def test_deltas_over_a_local_teacher_load_with_transformers_alone(tmp_path):
+    prep = prepared(tmp_path)
+    teacher_dir = tmp_path / "teacher"
+    prep.teacher.save_pretrained(teacher_dir)
+    local = replace(prep.config.model, init="pretrained", path=str(teacher_dir), tokenizer=None)
+    swap_attention(prep.teacher, prep.config.attention)
+    model = build_adapter(prep.teacher, prep.config.adapter)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    out = save_converted(model, tmp_path / "converted", teacher=local, attention=prep.config.attention,
+                         softmax_layers=[], adapter=prep.config.adapter)  # fmt: skip
+    assert not (out / "model.safetensors").exists()
+    x = torch.randint(0, 1000, (1, 25))
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=x).logits
+    torch.testing.assert_close(remote_logits(out, x, tmp_path), want, rtol=1e-5, atol=1e-5)
