@@ -272,13 +272,27 @@ class ExportConfig:
 @dataclass
 class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy"])
+    """Standard lm-eval task names (piqa, arc_easy, arc_challenge, hellaswag, winogrande, mmlu)."""
     limit: Optional[int] = None
-    """Score only the first ``limit`` items of each task (quick runs)."""
+    """Score only the first ``limit`` items of each task (per subject for MMLU; quick runs)."""
     batch_size: int = 8
+    local: bool = True
+    """Read the tasks' data from ``data_dir/eval`` (offline); false uses the hub tasks."""
+    teacher: bool = True
+    """Also score the teacher, for the side-by-side report."""
+    ppl_tokens: Optional[int] = 16384
+    """WikiText-2 (raw test) tokens for perplexity; ``None``: the whole set; 0: skip it."""
+    ppl_seq_len: int = 1024
+    ppl_stride: int = 512
 
     def __post_init__(self) -> None:
         _positive("eval.limit", self.limit)
         _positive("eval.batch_size", self.batch_size)
+        _positive("eval.ppl_tokens", self.ppl_tokens, allow_zero=True)
+        _positive("eval.ppl_seq_len", self.ppl_seq_len)
+        _positive("eval.ppl_stride", self.ppl_stride)
+        if self.ppl_stride > self.ppl_seq_len:
+            raise ValueError(f"eval.ppl_stride={self.ppl_stride} exceeds eval.ppl_seq_len={self.ppl_seq_len}")
 
 
 @dataclass

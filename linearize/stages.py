@@ -112,7 +112,7 @@ STAGE_RUNNERS: dict[str, Callable[[Prepared], None]] = {
     "transfer": lambda prepared: _tracked(prepared, "transfer"),
     "finetune": lambda prepared: _tracked(prepared, "finetune"),
     "uptrain": _not_built("uptrain", 11),
-    "eval": _not_built("eval", 6),
+    "eval": lambda prepared: _tracked(prepared, "eval"),
     "generate": _not_built("generate", 8),
     "export": lambda prepared: _tracked(prepared, "export"),
 }
@@ -120,12 +120,13 @@ STAGE_RUNNERS: dict[str, Callable[[Prepared], None]] = {
 
 def _tracked(prepared: Prepared, stage: str) -> None:
     """Run a training stage with its metrics tracker open."""
+    from linearize.evaluate.run import run_eval
     from linearize.log import Tracker
     from linearize.train.export import run_export
     from linearize.train.finetune import run_finetune
     from linearize.train.transfer import run_transfer
 
-    run = {"transfer": run_transfer, "finetune": run_finetune, "export": run_export}[stage]
+    run = {"transfer": run_transfer, "finetune": run_finetune, "export": run_export, "eval": run_eval}[stage]
     c = prepared.config
     config = OmegaConf.to_container(OmegaConf.structured(c))
     tracker = Tracker(c.logging.wandb, c.logging.project, str(prepared.run_dir), config)

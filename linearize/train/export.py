@@ -21,8 +21,9 @@ from linearize.models.convert import MANIFEST, apply_converted, read_manifest, s
 log = get_logger(__name__)
 
 
-def latest_stage_dir(run_dir: Path) -> Path:
-    for stage in ("finetune", "transfer"):
+def latest_stage_dir(run_dir: Path, stages: tuple[str, ...] = ("finetune", "transfer")) -> Path:
+    """The directory of the latest of ``stages`` (latest first) that wrote a converted model."""
+    for stage in stages:
         if (run_dir / stage / MANIFEST).is_file():
             return run_dir / stage
     raise FileNotFoundError(f"{run_dir} holds no converted model yet: run stage=transfer (and finetune) first")

@@ -1,0 +1,56 @@
+"""``stage=eval``: score the run's converted model beside its teacher and write the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from linearize.evaluate.harness import evaluate
+from linearize.evaluate.perplexity import perplexity, wikitext2_text
+from linearize.evaluate.report import compare, write_report
+from linearize.log import get_logger
+from linearize.models.convert import apply_converted
+from linearize.train.export import latest_stage_dir
+
+log = get_logger(__name__)
+
+
+def score(model, tokenizer, cfg) -> dict[str, Any]:
+    """Task scores (lm-eval) and WikiText-2 perplexity of one model."""
+    e = cfg.eval
+    results = evaluate(model, tokenizer, list(e.tasks), data_dir=cfg.data_dir, limit=e.limit,
+                       batch_size=e.batch_size, local=e.local)  # fmt: skip
+    if e.ppl_tokens != 0:
+        try:
+            text = wikitext2_text(cfg.data_dir)
+        except FileNotFoundError as err:
+            results["wikitext2"] = {"skipped": f"local data missing: {err}"}
+        else:
+            ppl = perplexity(model, tokenizer, text, seq_len=e.ppl_seq_len, stride=e.ppl_stride,
+                             max_tokens=e.ppl_tokens)  # fmt: skip
+            results["wikitext2"] = {"metric": "ppl", "value": ppl["ppl"], "n": ppl["tokens"]}
+    return results
+
+
+def run_eval(prepared, accelerator=None, tracker=None) -> Path:
+    cfg = prepared.config
+    run_dir = Path(cfg.run.dir)
+    try:
+        source = latest_stage_dir(run_dir, ("export", "finetune", "transfer"))
+    except FileNotFoundError:
+        source = None
+        log.warning("no converted model in %s: scoring the teacher alone", run_dir)
+    teacher_scores = score(prepared.teacher, prepared.tokenizer, cfg) if cfg.eval.teacher or source is None else None
+    converted_scores = None
+    if source is not None:
+        model = apply_converted(prepared.teacher, source, seed=cfg.run.seed)
+        converted_scores = score(model, prepared.tokenizer, cfg)
+    base = teacher_scores or {k: {**v, "value": None} if "value" in v else v for k, v in converted_scores.items()}
+    rows = compare(base, converted_scores)
+    title = f"{cfg.model.name}: teacher vs {source.name if source else 'none'} ({cfg.attention.name})"
+    meta = {"model": cfg.model.name, "converted": str(source) if source else None, "limit": cfg.eval.limit,
+            "tasks": list(cfg.eval.tasks), "ppl_tokens": cfg.eval.ppl_tokens}  # fmt: skip
+    out_dir = run_dir / "eval"
+    text = write_report(rows, out_dir, title, meta)
+    log.info("evaluation report (%s):\n%s", out_dir, text)
+    return out_dir

@@ -1,0 +1,52 @@
+"""stage=eval: the side-by-side report for a converted tiny-llama."""
+
+from __future__ import annotations
+
+import json
+
+from linearize.config import validate
+from linearize.evaluate.report import compare
+from linearize.evaluate.run import run_eval
+from linearize.stages import prepare
+from linearize.train.finetune import run_finetune
+from tests.conftest import compose_config, data_root
+
+TINY = ("model=tiny-llama", "attention=hedgehog", "data.max_examples=40", "data.seq_len=64",
+        "train.grad_accum=1", "train.max_steps=1", "finetune.start=swap")  # fmt: skip
+
+
+def prepared(tmp_path, *overrides):
+    dc = compose_config(*TINY, f"data_dir={data_root()}", f"run.dir={tmp_path}", *overrides)
+    return prepare(validate(dc), dc)
+
+
+def test_report_for_tiny_llama(tmp_path):
+    prep = prepared(tmp_path, "stage=finetune")
+    run_finetune(prep, prep.accelerator)
+    prep = prepared(tmp_path, "stage=eval", "eval.limit=2", "eval.tasks=[piqa,arc_challenge]",
+                    "eval.ppl_tokens=600", "eval.ppl_seq_len=256", "eval.ppl_stride=128")  # fmt: skip
+    out = run_eval(prep)
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["task"]: r for r in report["rows"]}
+    assert list(rows) == ["piqa", "arc_challenge", "wikitext2", "average"]
+    assert rows["piqa"]["metric"] == "acc" and rows["arc_challenge"]["metric"] == "acc_norm"
+    for task in ("piqa", "arc_challenge", "wikitext2"):
+        assert {"teacher", "converted", "difference"} <= rows[task].keys()
+    assert rows["wikitext2"]["teacher"] > 1000  # a random model
+    avg = rows["average"]
+    assert abs(avg["teacher"] - (rows["piqa"]["teacher"] + rows["arc_challenge"]["teacher"]) / 2) < 1e-12
+    assert report["meta"]["converted"].endswith("finetune")
+    assert "| piqa | acc |" in (out / "report.md").read_text()
+    assert (out / "report.png").stat().st_size > 5_000
+
+
+def test_compare_shares_and_skips():
+    teacher = {"piqa": {"metric": "acc", "value": 0.8}, "mmlu": {"skipped": "local data missing: x"},
+               "wikitext2": {"metric": "ppl", "value": 10.0}}  # fmt: skip
+    converted = {"piqa": {"metric": "acc", "value": 0.6}, "mmlu": {"skipped": "local data missing: x"},
+                 "wikitext2": {"metric": "ppl", "value": 20.0}}  # fmt: skip
+    rows = {r["task"]: r for r in compare(teacher, converted)}
+    assert abs(rows["piqa"]["share"] - 0.75) < 1e-12 and abs(rows["piqa"]["difference"] + 0.2) < 1e-12
+    assert rows["wikitext2"]["share"] == 0.5  # perplexity: lower is better
+    assert rows["mmlu"] == {"task": "mmlu", "skipped": "local data missing: x"}
+    assert rows["average"]["teacher"] == 0.8 and abs(rows["average"]["share"] - 0.75) < 1e-12
