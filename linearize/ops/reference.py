@@ -163,13 +163,19 @@ def linear_attn_quadratic(q: Tensor, k: Tensor, v: Tensor, *, normalize: bool = 
         y: (B, H, T, D) in v's dtype.
     """
     _check_qkv(q, k, v)
-    dtype, h, t = v.dtype, q.shape[1], q.shape[2]
+    dtype, h = v.dtype, q.shape[1]
     q, k, v = _up(h, v, q, k, v)
-    a = (q @ k.mT).masked_fill(_distance(t, t, 0, q.device) < 0, 0.0)  # (B, H, T, T)
+    a = _linear_scores(q, k)  # (B, H, T, T)
     y = a @ v
     if normalize:
         y = y / (a.sum(-1, keepdim=True) + eps)
     return y.to(dtype)
+
+
+def _linear_scores(q: Tensor, k: Tensor) -> Tensor:
+    """Causally masked q.k for expanded, compute-dtype q, k: (B, H, T, T)."""
+    t = q.shape[2]
+    return (q @ k.mT).masked_fill(_distance(t, t, 0, q.device) < 0, 0.0)
 
 
 def linear_attn_chunked(
@@ -283,16 +289,20 @@ def window_attn_quadratic(
         y: (B, H, T, D) in v's dtype.
     """
     _check_window(q, k, v, fq, fk, window)
-    dtype, h, t = v.dtype, q.shape[1], q.shape[2]
+    dtype, h = v.dtype, q.shape[1]
     q, fq, k, v, fk = _up(h, v, q, fq, k, v, fk)
-    f = _mix_factor(window_factor, h, q.dtype)
+    a = _window_scores(q, k, fq, fk, window, _mix_factor(window_factor, h, q.dtype), scale)
+    return ((a @ v) / (a.sum(-1, keepdim=True) + eps)).to(dtype)
+
+
+def _window_scores(q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, window: int, f: Tensor, scale: float) -> Tensor:
+    """f e^(s - m) inside the window + (1 - f) fq.fk beyond it, unnormalized: (B, H, T, T)."""
+    t = q.shape[2]
     dist = _distance(t, t, 0, q.device)  # (T, T)
     s = (q @ k.mT * scale).masked_fill((dist < 0) | (dist >= window), float("-inf"))
-    a_sm = torch.exp(s - s.amax(-1, keepdim=True))  # (B, H, T, T), 0 outside the window
-    a_ln = (fq @ fk.mT).masked_fill(dist < window, 0.0)  # (B, H, T, T)
-    num = f * (a_sm @ v) + (1 - f) * (a_ln @ v)
-    den = f * a_sm.sum(-1, keepdim=True) + (1 - f) * a_ln.sum(-1, keepdim=True)
-    return (num / (den + eps)).to(dtype)
+    a_sm = torch.exp(s - s.amax(-1, keepdim=True))  # 0 outside the window
+    a_ln = (fq @ fk.mT).masked_fill(dist < window, 0.0)
+    return f * a_sm + (1 - f) * a_ln
 
 
 def window_attn_chunked(
@@ -504,9 +514,7 @@ def linear_attn_weights(q: Tensor, k: Tensor, *, eps: float = 1e-6) -> Tensor:
 
     Used for Hedgehog's attention-weight cross-entropy; q: (B, H, T, F); k: (B, H_kv, T, F).
     """
-    h, t = q.shape[1], q.shape[2]
-    q, k = _up(h, q, q, k)
-    a = (q @ k.mT).masked_fill(_distance(t, t, 0, q.device) < 0, 0.0)  # (B, H, T, T)
+    a = _linear_scores(*_up(q.shape[1], q, q, k))  # (B, H, T, T)
     return a / (a.sum(-1, keepdim=True) + eps)
 
 
@@ -517,12 +525,9 @@ def window_attn_weights(
     """The (B, H, T, T) weights of `window_attn_quadratic` (softmax and linear parts, one
     normalizer): y = weights @ v."""
     _check_positive("window", window)
-    h, t = q.shape[1], q.shape[2]
+    h = q.shape[1]
     q, fq, k, fk = _up(h, q, q, fq, k, fk)
-    f = _mix_factor(window_factor, h, q.dtype)
-    dist = _distance(t, t, 0, q.device)
-    s = (q @ k.mT * scale).masked_fill((dist < 0) | (dist >= window), float("-inf"))
-    a = f * torch.exp(s - s.amax(-1, keepdim=True)) + (1 - f) * (fq @ fk.mT).masked_fill(dist < window, 0.0)
+    a = _window_scores(q, k, fq, fk, window, _mix_factor(window_factor, h, q.dtype), scale)
     return a / (a.sum(-1, keepdim=True) + eps)
 
 
