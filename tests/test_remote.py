@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
 from linearize.config import validate
@@ -81,3 +82,19 @@ def test_deltas_over_a_local_teacher_load_with_transformers_alone(tmp_path):
     with torch.no_grad():
         want = model(input_ids=x).logits
     torch.testing.assert_close(remote_logits(out, x, tmp_path), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_deltas_over_the_packaged_gguf_teacher_load_with_transformers_alone(tmp_path):
+    from linearize.models.load import load_teacher
+
+    cfg = validate(compose_config("model=smollm2-135m", "attention=lolcats"))
+    teacher = load_teacher(cfg.model, cache_dir=cfg.cache_dir, device=torch.device("cpu"))
+    swap_attention(teacher, cfg.attention)
+    out = save_converted(teacher, tmp_path / "converted", teacher=cfg.model, attention=cfg.attention,
+                         softmax_layers=[])  # fmt: skip
+    x = torch.randint(0, 49152, (1, 20))
+    with torch.no_grad():
+        want = teacher(input_ids=x).logits
+    # the subprocess dequantizes the GGUF file itself, as a user without linearize would
+    torch.testing.assert_close(remote_logits(out, x, tmp_path), want, rtol=1e-4, atol=1e-4)

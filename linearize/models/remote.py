@@ -104,7 +104,8 @@ class LinearizedForCausalLM:
                     "export it with export.merge=true to load it with transformers alone"
                 )
             location, extra = _teacher_location(teacher["path"])
-            kwargs.pop("revision", None)  # the converted directory's, not the teacher's
+            for key in ("revision", *extra):  # the converted directory's, not the teacher's
+                kwargs.pop(key, None)
             model = family_class.from_pretrained(location, *args, revision=teacher.get("revision"), **extra, **kwargs)
         attention = AttentionConfig(**manifest["attention"])
         swap_attention(model, attention)
