@@ -29,7 +29,8 @@ def test_help_lists_groups_and_options():
     out = run_cli("--help")
     assert out.returncode == 0, out.stderr
     for line in (
-        "stage: all, eval, finetune, generate, prepare, transfer, uptrain",
+        "stage: all, eval, export, finetune, generate, prepare, transfer, uptrain",
+        "adapter: dora, fourierft, lora, olora, pissa, vera",
         "attention: elu, hedgehog, liger, lolcats, relu, softmax, t2r",
         "data: alpaca-clean, alpaca-local, text",
         "accelerate: ddp, fsdp, single",

@@ -9,7 +9,7 @@ from omegaconf.errors import ConfigAttributeError, ValidationError
 from linearize.config import STAGES, Config
 from tests.conftest import CONFIGS, build_config, compose_config
 
-GROUPS = ("stage", "model", "attention", "data")
+GROUPS = ("stage", "model", "attention", "data", "adapter")
 # data=text has no default file list: it must be given.
 EXTRA = {("data", "text"): ["data.files=[corpus.txt]"]}
 
