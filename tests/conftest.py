@@ -35,6 +35,19 @@ def build_config(*overrides: str) -> Config:
     return validate(compose_config(*overrides))
 
 
+def kill_on_call(objective, call: int) -> None:
+    """Make ``objective.loss`` raise as a SIGKILL would stop the loop, on its ``call``-th call."""
+    calls, real = [0], objective.loss
+
+    def loss(*args):
+        calls[0] += 1
+        if calls[0] == call:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args)
+
+    objective.loss = loss
+
+
 @pytest.fixture(scope="session")
 def tiny_config() -> Config:
     return build_config("model=tiny-llama", f"data_dir={data_root()}")

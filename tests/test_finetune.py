@@ -22,7 +22,7 @@ from linearize.stages import preflight, prepare
 from linearize.train import loop
 from linearize.train.finetune import NextTokenObjective, run_finetune
 from linearize.train.transfer import run_transfer
-from tests.conftest import build_config, compose_config, data_root
+from tests.conftest import build_config, compose_config, data_root, kill_on_call
 
 TINY = ("model=tiny-llama", "attention=lolcats", "attention.window=8", "data.max_examples=120",
         "data.seq_len=64", "data.val_fraction=0.1", "train.grad_accum=1")  # fmt: skip
@@ -122,15 +122,7 @@ def _finetune(tmp_path, out, *, resume=False, crash_at_call=None):
     model = build_adapter(prep.teacher, prep.config.adapter)
     objective = NextTokenObjective()
     if crash_at_call is not None:
-        calls, real = [0], objective.loss
-
-        def crashing(*args):
-            calls[0] += 1
-            if calls[0] == crash_at_call:
-                raise KeyboardInterrupt("simulated kill")
-            return real(*args)
-
-        objective.loss = crashing
+        kill_on_call(objective, crash_at_call)
     state = loop.train(model, objective, prep.data.train, prep.data.val, prep.config.train, out,
                        accelerator=Accelerator(cpu=True), seed=0, resume=resume)  # fmt: skip
     return state, loop.trainable_state(model)

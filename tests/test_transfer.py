@@ -16,7 +16,7 @@ from linearize.models.swap import attention_layers, swap_attention
 from linearize.stages import prepare, preflight
 from linearize.train import loop
 from linearize.train.transfer import TransferObjective, run_transfer
-from tests.conftest import build_config, compose_config, data_root
+from tests.conftest import build_config, compose_config, data_root, kill_on_call
 
 TINY = ("model=tiny-llama", "data.max_examples=120", "data.seq_len=64", "data.val_fraction=0.1")
 
@@ -72,15 +72,7 @@ def _train(tmp_path, out: Path, *, resume=False, crash_at_call=None):
     swap_attention(model, prep.config.attention)
     objective = TransferObjective(attention_layers(model), mse_weight=1000.0)
     if crash_at_call is not None:
-        calls, real_loss = [0], objective.loss
-
-        def crashing_loss(*args):
-            calls[0] += 1
-            if calls[0] == crash_at_call:
-                raise KeyboardInterrupt("simulated kill")
-            return real_loss(*args)
-
-        objective.loss = crashing_loss
+        kill_on_call(objective, crash_at_call)
     state = loop.train(
         model, objective, prep.data.train, prep.data.val, prep.config.train, out,
         accelerator=Accelerator(cpu=True), seed=0, resume=resume,
