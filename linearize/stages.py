@@ -147,11 +147,12 @@ def run_all(config: Config, cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from linearize.config import validate
+    from linearize.models.convert import MANIFEST
 
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("stage=", "run.resume="))]
     run_dir = Path(config.run.dir)
     for stage in ALL_STAGES:
-        if (run_dir / stage / "linearize.json").is_file():
+        if (run_dir / stage / MANIFEST).is_file():
             log.info("stage=all: %s already done (%s), skipping", stage, run_dir / stage)
             continue
         sub = compose(config_name="config", overrides=[*overrides, f"stage={stage}", "run.resume=true", f"run.dir={run_dir}"])

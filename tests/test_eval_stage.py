@@ -50,3 +50,12 @@ def test_compare_shares_and_skips():
     assert rows["wikitext2"]["share"] == 0.5  # perplexity: lower is better
     assert rows["mmlu"] == {"task": "mmlu", "skipped": "local data missing: x"}
     assert rows["average"]["teacher"] == 0.8 and abs(rows["average"]["share"] - 0.75) < 1e-12
+
+
+def test_compare_with_one_side_only():
+    converted = {"piqa": {"metric": "acc", "value": 0.6}, "wikitext2": {"metric": "ppl", "value": 20.0}}
+    rows = {r["task"]: r for r in compare(None, converted)}
+    assert rows["piqa"] == {"task": "piqa", "metric": "acc", "converted": 0.6}
+    assert rows["average"] == {"task": "average", "metric": "mean score", "converted": 0.6}
+    rows = {r["task"]: r for r in compare(converted, None)}
+    assert rows["wikitext2"] == {"task": "wikitext2", "metric": "ppl", "teacher": 20.0}

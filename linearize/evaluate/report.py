@@ -12,36 +12,46 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def compare(teacher: dict[str, Any], converted: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per task (and perplexity): both values, the difference, the share kept.
+def compare(teacher: Optional[dict[str, Any]], converted: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per task (and perplexity): each model's value, the difference, the share kept.
 
-    ``share`` is converted / teacher for scores, teacher / converted for perplexity (lower is
-    better), so 1.0 means fully kept either way. Skipped tasks keep their reason.
+    Either side may be absent (``eval.teacher=false``, or no converted model yet); difference
+    and share need both. ``share`` is converted / teacher for scores, teacher / converted for
+    perplexity (lower is better), so 1.0 means fully kept either way. Skipped tasks keep their
+    reason.
     """
+    sides = {"teacher": teacher or {}, "converted": converted or {}}
     rows = []
-    for task, t in teacher.items():
-        c = (converted or {}).get(task)
-        row: dict[str, Any] = {"task": task}
-        if "skipped" in t:
-            rows.append({**row, "skipped": t["skipped"]})
+    for task in dict.fromkeys([*sides["teacher"], *sides["converted"]]):
+        results = {side: scores[task] for side, scores in sides.items() if task in scores}
+        skipped = next((r["skipped"] for r in results.values() if "skipped" in r), None)
+        if skipped is not None:
+            rows.append({"task": task, "skipped": skipped})
             continue
-        row.update(metric=t["metric"], teacher=t["value"])
-        if c is not None and "skipped" not in c:
-            row["converted"] = c["value"]
-            row["difference"] = c["value"] - t["value"]
-            lower_better = t["metric"] == "ppl"
-            row["share"] = (t["value"] / c["value"]) if lower_better else (c["value"] / t["value"] if t["value"] else None)
-        rows.append(row)
-    scored = [r for r in rows if "teacher" in r and r.get("metric") != "ppl"]
+        row: dict[str, Any] = {"task": task, "metric": next(iter(results.values()))["metric"]}
+        row.update({side: r["value"] for side, r in results.items()})
+        rows.append(_with_share(row))
+    scored = [r for r in rows if "metric" in r and r["metric"] != "ppl"]
     if scored:
-        avg: dict[str, Any] = {"task": "average", "metric": "mean score",
-                               "teacher": sum(r["teacher"] for r in scored) / len(scored)}  # fmt: skip
-        if all("converted" in r for r in scored):
-            avg["converted"] = sum(r["converted"] for r in scored) / len(scored)
-            avg["difference"] = avg["converted"] - avg["teacher"]
-            avg["share"] = avg["converted"] / avg["teacher"] if avg["teacher"] else None
-        rows.append(avg)
+        avg: dict[str, Any] = {"task": "average", "metric": "mean score"}
+        for side in sides:
+            if all(side in r for r in scored):
+                avg[side] = sum(r[side] for r in scored) / len(scored)
+        rows.append(_with_share(avg))
     return rows
+
+
+def _with_share(row: dict[str, Any]) -> dict[str, Any]:
+    """Add the difference and the share kept when the row has both models' values."""
+    t, c = row.get("teacher"), row.get("converted")
+    if t is None or c is None:
+        return row
+    row["difference"] = c - t
+    if row["metric"] == "ppl":
+        row["share"] = t / c if c else None
+    else:
+        row["share"] = c / t if t else None
+    return row
 
 
 def markdown(rows: list[dict[str, Any]], title: str) -> str:
@@ -56,17 +66,18 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
             lines.append(f"| {r['task']} | skipped: {r['skipped']} | | | | |")
         else:
             lines.append(
-                f"| {r['task']} | {r['metric']} | {fmt(r['teacher'])} | {fmt(r.get('converted'))} | "
+                f"| {r['task']} | {r['metric']} | {fmt(r.get('teacher'))} | {fmt(r.get('converted'))} | "
                 f"{fmt(r.get('difference'))} | {fmt(r.get('share'), pct=True)} |"
             )
     return "\n".join(lines) + "\n"
 
 
 def bar_chart(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
-    scored = [r for r in rows if "teacher" in r and r["metric"] != "ppl"]
+    scored = [r for r in rows if "metric" in r and r["metric"] != "ppl"]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(scored) + 2), 4))
     xs = range(len(scored))
-    ax.bar([x - 0.2 for x in xs], [r["teacher"] for r in scored], width=0.4, label="teacher")
+    if any("teacher" in r for r in scored):
+        ax.bar([x - 0.2 for x in xs], [r.get("teacher", 0.0) for r in scored], width=0.4, label="teacher")
     if any("converted" in r for r in scored):
         ax.bar([x + 0.2 for x in xs], [r.get("converted", 0.0) for r in scored], width=0.4, label="converted")
     ax.set_xticks(list(xs), [f"{r['task']}\n({r['metric']})" for r in scored], fontsize=8)

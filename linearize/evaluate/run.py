@@ -45,8 +45,7 @@ def run_eval(prepared, accelerator=None, tracker=None) -> Path:
     if source is not None:
         model = apply_converted(prepared.teacher, source, seed=cfg.run.seed)
         converted_scores = score(model, prepared.tokenizer, cfg)
-    base = teacher_scores or {k: {**v, "value": None} if "value" in v else v for k, v in converted_scores.items()}
-    rows = compare(base, converted_scores)
+    rows = compare(teacher_scores, converted_scores)
     title = f"{cfg.model.name}: teacher vs {source.name if source else 'none'} ({cfg.attention.name})"
     meta = {"model": cfg.model.name, "converted": str(source) if source else None, "limit": cfg.eval.limit,
             "tasks": list(cfg.eval.tasks), "ppl_tokens": cfg.eval.ppl_tokens}  # fmt: skip
