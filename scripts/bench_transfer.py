@@ -4,8 +4,9 @@
     .venv/bin/python scripts/bench_transfer.py --seq-len 512 --attention hedgehog --json out.json
 
 Teacher: one no-grad forward of the unswapped model (SDPA, full logits), as inference runs it.
-Stage 1: one joint transfer step (teacher softmax + student per layer, per-layer MSE, backward
-into the new parameters only, AdamW step). Both on the same random token ids.
+Stage 1: one joint transfer step (teacher softmax + student per layer, per-layer MSE, each
+layer's backward as soon as it has run, into the new parameters only, AdamW step), as the loop
+runs it. Both on the same random token ids.
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what the weights hold; on CPU, the
 peak resident set size sampled every millisecond above the level just before the measured
@@ -120,8 +121,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
 
     def transfer_step():
-        loss, _ = objective.loss(model, ids, ids)
-        loss.backward()
+        objective.loss_and_backward(model, ids, ids, torch.Tensor.backward)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

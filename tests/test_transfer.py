@@ -64,6 +64,27 @@ def test_only_new_parameters_get_gradients(tmp_path):
             assert p.grad is None and not p.requires_grad, name
 
 
+@pytest.mark.parametrize("xent_weight", [0.0, 0.5])
+def test_per_layer_backward_gives_the_gradients_of_the_whole_loss(tmp_path, xent_weight):
+    prep = prepared(tmp_path, "stage=transfer", "attention=lolcats", "attention.window=8")
+    model = prep.teacher
+    swap_attention(model, prep.config.attention)
+    objective = TransferObjective(attention_layers(model), mse_weight=1000.0, xent_weight=xent_weight)
+    batch = prep.data.train.input_ids[:2]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    whole, _ = objective.loss(model, batch, batch)
+    whole.backward()
+    expected = {n: p.grad.clone() for n, p in params.items()}
+    model.zero_grad(set_to_none=True)
+    shares = []
+    loss, _ = objective.loss_and_backward(model, batch, batch, lambda t: (shares.append(t.item()), t.backward()))
+    assert len(shares) == len(attention_layers(model)) == 2  # one backward per layer
+    assert not loss.requires_grad and loss.item() == pytest.approx(whole.item(), rel=1e-6)
+    assert sum(shares) == pytest.approx(whole.item(), rel=1e-6)
+    for n, p in params.items():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def _train(tmp_path, out: Path, *, resume=False, crash_at_call=None):
     prep = prepared(tmp_path, "stage=transfer", "attention=lolcats", "attention.window=8",
                     "train.max_steps=6", "train.eval_every=1", "train.grad_accum=2",

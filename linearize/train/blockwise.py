@@ -44,7 +44,7 @@ class LocalAccelerator:
         self.device = device
 
     def prepare(self, *objects):
-        return objects
+        return objects[0] if len(objects) == 1 else objects
 
     def no_sync(self, model):
         return nullcontext()

@@ -53,6 +53,38 @@ class Objective(Protocol):
         ...
 
 
+def backpropagates_itself(objective: Objective) -> bool:
+    """Whether ``objective`` runs its backward inside the forward, in pieces.
+
+    Such an objective has ``loss_and_backward(model, inputs, labels, backward)``: it calls
+    ``backward`` on parts of the loss as soon as each is known (stage 1: one per layer, so one
+    layer's graph is held at a time) and returns the detached total. The model is then not
+    wrapped in DDP, whose reducer expects exactly one backward per forward; the loop averages
+    the gradients over processes itself before each optimizer step.
+    """
+    return callable(getattr(objective, "loss_and_backward", None))
+
+
+def broadcast_parameters(params: list[Tensor], accelerator: Accelerator) -> None:
+    """Start every process from rank 0's values (what DDP does when it wraps a model)."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        with torch.no_grad():
+            for p in params:
+                p.copy_(broadcast(p.detach().clone(), from_process=0))
+
+
+def average_gradients(params: list[Tensor], accelerator: Accelerator) -> None:
+    """Mean of each gradient over processes, in one flat all-reduce (what DDP does)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")
+    for p, part in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = part.view_as(p).to(p.dtype)
+
+
 @dataclass
 class TrainState:
     """Everything besides tensors that a bit-exact resume needs."""
@@ -237,7 +269,12 @@ def train(
         log.info("resumed from %s at step %d of %d", ckpt, state.step, state.total_steps)
     elif resume:
         log.info("run.resume=true but %s holds no checkpoint; starting fresh", out_dir)
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    in_pieces = backpropagates_itself(objective)
+    if in_pieces:
+        wrapped, optimizer = model, accelerator.prepare(optimizer)
+        broadcast_parameters(params, accelerator)
+    else:
+        wrapped, optimizer = accelerator.prepare(model, optimizer)
     val_batches = validation_batches(val_split, cfg, seed, accelerator)
     main = accelerator.is_main_process
 
@@ -246,6 +283,9 @@ def train(
         state.history.append({"step": 0, **{f"val/{k}": v for k, v in initial.items()}})
         log.info("step 0: val_loss %.5g", initial["val_loss"])
 
+    def backward(loss: Tensor) -> None:
+        accelerator.backward(loss / cfg.grad_accum)
+
     bar = tqdm(total=state.total_steps, initial=state.step, desc="train", disable=not main)
     while state.step < state.total_steps and not state.stopped_early:
         wrapped.train()
@@ -253,10 +293,14 @@ def train(
         for micro in range(cfg.grad_accum):
             index = state.step * cfg.grad_accum + micro
             inputs, labels = micro_batch(train_split, seed, index, cfg.batch_size, rank, world)
-            sync = micro == cfg.grad_accum - 1
-            with nullcontext() if sync else accelerator.no_sync(wrapped):
-                loss, parts = objective.loss(wrapped, inputs.to(accelerator.device), labels.to(accelerator.device))
-                accelerator.backward(loss / cfg.grad_accum)
+            inputs, labels = inputs.to(accelerator.device), labels.to(accelerator.device)
+            if in_pieces:
+                loss, parts = objective.loss_and_backward(wrapped, inputs, labels, backward)
+            else:
+                sync = micro == cfg.grad_accum - 1
+                with nullcontext() if sync else accelerator.no_sync(wrapped):
+                    loss, parts = objective.loss(wrapped, inputs, labels)
+                    backward(loss)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(
                     f"loss is {loss.item()} at step {state.step + 1}; the last checkpoint is intact. "
@@ -264,6 +308,8 @@ def train(
                 )
             for k, v in {"loss": loss.item(), **parts}.items():
                 metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
+        if in_pieces:
+            average_gradients(params, accelerator)
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -4,7 +4,9 @@
 Each layer computes the teacher's softmax output and the student's from the same q, k, v,
 hands both to :class:`TransferObjective`, and passes the teacher's output on, so every layer
 trains on the inputs the teacher would give it. Nothing frozen requires grad, so the only
-graph kept is the students' own. Logits are computed for one position only.
+graph is the students' own, and in training each layer's share of the loss is backpropagated
+as soon as that layer has run (:meth:`TransferObjective.loss_and_backward`): one layer's graph
+is held at a time, not all of them. Logits are computed for one position only.
 
 ``blockwise`` (LoLCATs' recipe for 70B/405B): see :mod:`linearize.train.blockwise`; the same
 objective, fed cached teacher hidden states instead of token ids.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +53,8 @@ class TransferObjective:
         self.forward = forward
         self.layers = {layer.layer_idx: layer for layer in layers}
         self._terms: dict[int, dict[str, Tensor]] = {}
+        self._backward: Optional[Callable[[Tensor], None]] = None
+        self._seen = 0
         for layer in layers:
             if xent_weight and not hasattr(layer.mixer, "weights"):
                 raise ValueError(f"{type(layer.mixer).__name__} has no attention weights for transfer.xent_weight")
@@ -64,6 +68,11 @@ class TransferObjective:
             target = ops.softmax_weights(p.q, p.k, scale=p.scale, window=layer.sliding_window)
             log_student = layer.mixer.weights(p).clamp_min(1e-12).log()  # (B, H, T, T)
             terms["xent"] = -(target * log_student).sum(-1).mean()
+        if self._backward is not None and terms["mse"].requires_grad:
+            # This layer's share of the loss (see _combine); its graph is freed right here.
+            share = self.mse_weight * terms["mse"] + self.xent_weight * terms.get("xent", 0.0)
+            self._backward(share / len(self.layers))
+            terms = {k: v.detach() for k, v in terms.items()}
         self._terms[layer_idx] = terms
 
     def layer_terms(self, model: nn.Module, inputs: Tensor) -> dict[int, dict[str, Tensor]]:
@@ -71,6 +80,7 @@ class TransferObjective:
         self._terms.clear()
         self.forward(model, inputs)
         terms, self._terms = dict(sorted(self._terms.items())), {}
+        self._seen = len(terms)
         return terms
 
     def layer_mse(self, model: nn.Module, inputs: Tensor) -> dict[int, Tensor]:
@@ -87,6 +97,25 @@ class TransferObjective:
 
     def loss(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
         return self._combine(self.layer_terms(model, inputs))
+
+    def loss_and_backward(
+        self, model: nn.Module, inputs: Tensor, labels: Tensor, backward: Callable[[Tensor], None]
+    ) -> tuple[Tensor, dict]:  # fmt: skip
+        """The loss (detached) after ``backward`` was called on each layer's share of it.
+
+        The shares sum to :meth:`loss`, so the gradients equal ``backward(loss)``'s, but each
+        layer's graph is freed as soon as that layer has run. Gradients are local to this
+        process: the loop averages them over processes itself (no DDP wrapper, which expects
+        one backward per forward).
+        """
+        self._backward = backward
+        try:
+            loss, parts = self.loss(model, inputs, labels)
+        finally:
+            self._backward = None
+        if self._seen != len(self.layers):
+            raise RuntimeError(f"{self._seen} of {len(self.layers)} transfer layers ran; the loss shares are wrong")
+        return loss, parts
 
     def validate(self, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
         device = next(p for p in model.parameters()).device
