@@ -25,9 +25,9 @@ from linearize.ops.reference import (  # attention weights: dense T x T, for los
 )
 
 __all__ = [
-    "BACKENDS", "GatedState", "LinearState", "WindowState", "gated_attn", "linear_attn",
-    "linear_attn_weights", "resolve_backend", "softmax_attn", "softmax_weights", "window_attn",
-    "window_attn_weights",
+    "BACKENDS", "GatedState", "LinearState", "WindowState", "gated_attn", "gated_attn_step",
+    "linear_attn", "linear_attn_step", "linear_attn_weights", "resolve_backend", "softmax_attn",
+    "softmax_weights", "window_attn", "window_attn_step", "window_attn_weights",
 ]  # fmt: skip
 
 log = get_logger(__name__)
@@ -51,48 +51,91 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def linear_attn(
     q: Tensor, k: Tensor, v: Tensor, *, normalize: bool = True, eps: float = 1e-6,
-    chunk_size: int = 64, backend: str = "auto",
-) -> Tensor:  # fmt: skip
-    """Causal linear attention on feature-mapped q (B,H,T,F), k (B,H_kv,T,F); v (B,H_kv,T,D)."""
+    chunk_size: int = 64, backend: str = "auto", initial_state: LinearState | None = None,
+    output_final_state: bool = False,
+) -> Tensor | tuple[Tensor, LinearState]:  # fmt: skip
+    """Causal linear attention on feature-mapped q (B,H,T,F), k (B,H_kv,T,F); v (B,H_kv,T,D).
+
+    With ``initial_state`` it continues a sequence; ``output_final_state`` also returns the state.
+    """
     resolve_backend(backend, q.device)
-    return reference.linear_attn_chunked(q, k, v, chunk_size=chunk_size, normalize=normalize, eps=eps)
+    return reference.linear_attn_chunked(
+        q, k, v, chunk_size=chunk_size, normalize=normalize, eps=eps,
+        initial_state=initial_state, output_final_state=output_final_state,
+    )  # fmt: skip
+
+
+def linear_attn_step(
+    q: Tensor, k: Tensor, v: Tensor, state: LinearState | None, *, normalize: bool = True,
+    eps: float = 1e-6, backend: str = "auto",
+) -> tuple[Tensor, LinearState]:  # fmt: skip
+    """One decoding step of ``linear_attn``: q (B,H,1,F), k (B,H_kv,1,F), v (B,H_kv,1,D)."""
+    resolve_backend(backend, q.device)
+    return reference.linear_attn_step(q, k, v, state, normalize=normalize, eps=eps)
 
 
 def window_attn(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, *, window: int,
     window_factor: Tensor, scale: float, eps: float = 1e-6, chunk_size: int = 64,
-    backend: str = "auto",
-) -> Tensor:  # fmt: skip
+    backend: str = "auto", initial_state: WindowState | None = None, output_final_state: bool = False,
+) -> Tensor | tuple[Tensor, WindowState]:  # fmt: skip
     """LoLCATs hybrid: softmax over the last ``window`` keys, linear beyond; see ``reference``."""
     resolve_backend(backend, q.device)
     return reference.window_attn_chunked(
         q, k, v, fq, fk, window=window, window_factor=window_factor, scale=scale,
-        chunk_size=chunk_size, eps=eps,
+        chunk_size=chunk_size, eps=eps, initial_state=initial_state,
+        output_final_state=output_final_state,
     )  # fmt: skip
+
+
+def window_attn_step(
+    q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, state: WindowState | None, *,
+    window: int, window_factor: Tensor, scale: float, eps: float = 1e-6, backend: str = "auto",
+) -> tuple[Tensor, WindowState]:  # fmt: skip
+    """One decoding step of ``window_attn`` (one token in q, k, v, fq, fk)."""
+    resolve_backend(backend, q.device)
+    return reference.window_attn_step(
+        q, k, v, fq, fk, state, window=window, window_factor=window_factor, scale=scale, eps=eps
+    )
 
 
 def gated_attn(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: float = 1.0, chunk_size: int = 64,
-    backend: str = "auto",
-) -> Tensor:  # fmt: skip
+    backend: str = "auto", initial_state: GatedState | None = None, output_final_state: bool = False,
+) -> Tensor | tuple[Tensor, GatedState]:  # fmt: skip
     """Gated linear attention (GLA): S_t = diag(exp g_t) S_{t-1} + k_tᵀ v_t, y_t = scale q_t S_t."""
     resolve_backend(backend, q.device)
-    return reference.gated_attn_chunked(q, k, v, g, scale=scale, chunk_size=chunk_size)
+    return reference.gated_attn_chunked(
+        q, k, v, g, scale=scale, chunk_size=chunk_size, initial_state=initial_state,
+        output_final_state=output_final_state,
+    )  # fmt: skip
+
+
+def gated_attn_step(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, state: GatedState | None, *, scale: float = 1.0,
+    backend: str = "auto",
+) -> tuple[Tensor, GatedState]:  # fmt: skip
+    """One decoding step of ``gated_attn`` (one token in q, k, v, g)."""
+    resolve_backend(backend, q.device)
+    return reference.gated_attn_step(q, k, v, g, state, scale=scale)
 
 
 def softmax_attn(q: Tensor, k: Tensor, v: Tensor, *, scale: float, window: int | None = None) -> Tensor:
     """Causal softmax attention as the teacher computes it (SDPA), optionally sliding-window.
 
     Args:
-        q: (B, H, T, D); k, v: (B, H_kv, T, D).
+        q: (B, H, T, D); k, v: (B, H_kv, T_k, D) with T_k >= T: the last T keys are the queries'
+            own positions, the T_k - T before them come earlier (a decoding window cache).
         window: keys per query, itself included; ``None`` for full causal attention.
     Returns:
         (B, H, T, D) in q's dtype.
     """
-    h, t = q.shape[1], q.shape[2]
+    h, t, t_k = q.shape[1], q.shape[2], k.shape[2]
+    if t_k < t:
+        raise ValueError(f"softmax_attn: {t_k} keys for {t} queries; keys must include the queries' positions")
     k, v = expand_kv(k, h), expand_kv(v, h)
-    if window is None or window >= t:
+    if t_k == t and (window is None or window >= t):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    i = torch.arange(t, device=q.device)
-    dist = i[:, None] - i[None, :]  # (T, T)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=(dist >= 0) & (dist < window), scale=scale)
+    dist = torch.arange(t, device=q.device)[:, None] + (t_k - t) - torch.arange(t_k, device=q.device)[None, :]
+    allowed = (dist >= 0) if window is None else (dist >= 0) & (dist < window)  # (T, T_k)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
