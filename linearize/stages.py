@@ -69,6 +69,13 @@ def preflight(config: Config) -> None:
                 f"{err}. stage=finetune starts from stage 1's output: run stage=transfer with "
                 f"run.dir={config.run.dir} first, or set finetune.start=swap to skip transfer"
             ) from None
+    if config.stage == "generate":
+        from linearize.generate import CONVERTED_STAGES
+        from linearize.train.export import latest_stage_dir
+
+        if not config.prompt and not config.generate.interactive:
+            raise ValueError('stage=generate needs prompt="..." or generate.interactive=true')
+        latest_stage_dir(Path(config.run.dir), CONVERTED_STAGES)  # raises naming the stage to run
     if config.stage == "transfer":
         from linearize.attention import build_mixer
 
@@ -113,7 +120,7 @@ STAGE_RUNNERS: dict[str, Callable[[Prepared], None]] = {
     "finetune": lambda prepared: _tracked(prepared, "finetune"),
     "uptrain": _not_built("uptrain", 11),
     "eval": lambda prepared: _tracked(prepared, "eval"),
-    "generate": _not_built("generate", 8),
+    "generate": lambda prepared: _tracked(prepared, "generate"),
     "export": lambda prepared: _tracked(prepared, "export"),
 }
 
@@ -121,12 +128,15 @@ STAGE_RUNNERS: dict[str, Callable[[Prepared], None]] = {
 def _tracked(prepared: Prepared, stage: str) -> None:
     """Run a training stage with its metrics tracker open."""
     from linearize.evaluate.run import run_eval
+    from linearize.generate import run_generate
     from linearize.log import Tracker
     from linearize.train.export import run_export
     from linearize.train.finetune import run_finetune
     from linearize.train.transfer import run_transfer
 
-    run = {"transfer": run_transfer, "finetune": run_finetune, "export": run_export, "eval": run_eval}[stage]
+    runners = {"transfer": run_transfer, "finetune": run_finetune, "export": run_export, "eval": run_eval,
+               "generate": run_generate}  # fmt: skip
+    run = runners[stage]
     c = prepared.config
     config = OmegaConf.to_container(OmegaConf.structured(c))
     tracker = Tracker(c.logging.wandb, c.logging.project, str(prepared.run_dir), config)

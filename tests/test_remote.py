@@ -31,7 +31,14 @@ from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
 x = torch.load(sys.argv[2])
 with torch.no_grad():
-    torch.save(model(input_ids=x).logits, sys.argv[3])
+    torch.save(model(input_ids=x, use_cache=False).logits, sys.argv[3])
+    # generate() decodes with the recurrent state by default, as with linearize installed
+    prompt = x[:1, :10]
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    plain = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False)
+assert torch.equal(out.sequences, plain), (out.sequences, plain)
+kinds = {type(layer).__name__ for layer in out.cache.layers}
+assert "RecurrentState" in kinds, kinds
 """
 
 

@@ -9,6 +9,9 @@ attention); with ``window = 0`` it is the GLA output alone.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -16,6 +19,21 @@ from linearize import ops
 from linearize.attention.feature_maps import build_feature_map
 from linearize.attention.layer import Projected
 from linearize.config import AttentionConfig
+
+
+class LigerState(NamedTuple):
+    """Decoding state of :class:`GatedAttention`.
+
+    Attributes:
+        S: (B, H, F, D) the GLA state.
+        k: (B, H_kv, W', D) the last W' <= window - 1 raw (rotary-applied) keys, for the
+            sliding-window softmax part (W' = 0 when window is 0).
+        v: (B, H_kv, W', D) their values.
+    """
+
+    S: Tensor
+    k: Tensor
+    v: Tensor
 
 
 class GatedAttention(nn.Module):
@@ -33,6 +51,27 @@ class GatedAttention(nn.Module):
         width = self.feature_k.out_dim
         pooled = k_pre if width == d else F.adaptive_avg_pool1d(k_pre.reshape(-1, 1, d), width)
         return F.logsigmoid(pooled.reshape(b, h, t, width)) / self.gate_normalizer
+
+    def extend(self, p: Projected, state: Optional["LigerState"]) -> tuple[Tensor, "LigerState"]:
+        """Outputs over p's tokens continuing from ``state``, and the state after them."""
+        fq, fk, g = self.feature_q(p.q), self.feature_k(p.k), self.gate(p.k_pre)
+        gla = None if state is None else ops.GatedState(state.S)
+        if p.q.shape[2] == 1:
+            y, gla = ops.gated_attn_step(fq, fk, p.v, g, gla, scale=p.scale, backend=self.backend)
+        else:
+            y, gla = ops.gated_attn(
+                fq, fk, p.v, g, scale=p.scale, chunk_size=self.chunk_size, backend=self.backend,
+                initial_state=gla, output_final_state=True,
+            )  # fmt: skip
+        k, v = p.k, p.v
+        if state is not None:  # keys and values still inside the window, then the new ones
+            k, v = torch.cat([state.k, k], 2), torch.cat([state.v, v], 2)
+        first = max(k.shape[2] - max(self.window - 1, 0), 0)  # older keys: no later window reaches them
+        new_state = LigerState(gla.S, k[:, :, first:], v[:, :, first:])
+        if self.window == 0:
+            return y, new_state
+        swa = ops.softmax_attn(p.q, k, v, scale=p.scale, window=self.window)
+        return self.mix * y + (1.0 - self.mix) * swa, new_state
 
     def forward(self, p: Projected) -> Tensor:
         y = ops.gated_attn(

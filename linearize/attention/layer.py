@@ -10,16 +10,21 @@ the zoo's linear attentions — which returns per-head outputs. ``mode`` decides
   outputs (and the projected inputs, for losses on attention weights) go to ``collector``
   (stage 1's loss) and the teacher's output flows on, so every layer trains on the inputs the
   teacher would give it.
+
+Given a cache (``generate()``, ``use_cache=True``), a student layer continues from its
+recurrent state in that cache (see :mod:`linearize.attention.cache`); in ``teacher`` mode the
+teacher's own module runs, keeping keys and values as it always did.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Callable, NamedTuple, Optional, Protocol
 
 from torch import Tensor, nn
 
 from linearize import ops
+from linearize.attention.cache import recurrent_entry
 
 MODES = ("student", "teacher", "transfer")
 RotaryFn = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -42,6 +47,11 @@ class Mixer(Protocol):
     """A linear attention of the zoo: per-head outputs (B, H, T, D) from projected inputs."""
 
     def __call__(self, p: Projected) -> Tensor: ...
+
+    def extend(self, p: Projected, state: Optional[NamedTuple]) -> tuple[Tensor, NamedTuple]:
+        """Continue a sequence from ``state`` (None: its start) over p's tokens: the outputs
+        and the state after them (one token: the recurrent step; more: the chunked form)."""
+        ...
 
 
 class AttentionLayer(nn.Module):
@@ -86,14 +96,20 @@ class AttentionLayer(nn.Module):
         self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor],
         attention_mask: Optional[Tensor] = None, cache=None, **kwargs,
     ) -> tuple[Tensor, None]:  # fmt: skip
-        if cache is not None:
-            raise NotImplementedError(
-                "a linearized model does not use a KV cache yet; call generate(use_cache=False)"
-            )
         if self.mode not in MODES:
             raise ValueError(f"AttentionLayer.mode={self.mode!r} is not one of {', '.join(MODES)}")
+        if cache is not None and self.mode == "teacher":  # the original module, keys and values cached
+            return self.teacher(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
+        if cache is not None and self.mode == "transfer":
+            if cache.get_seq_length(self.layer_idx) > 0:
+                raise ValueError("stage-1 transfer mode does not decode: call the model with use_cache=False")
+            cache = None  # a plain forward that asked for a fresh cache: nothing to continue
         p = self.project(hidden_states, position_embeddings)
-        if self.mode == "teacher":
+        if cache is not None:
+            entry = recurrent_entry(cache, self.layer_idx)
+            y, state = self.mixer.extend(p, entry.state)
+            entry.advance(state, p.q.shape[2])
+        elif self.mode == "teacher":
             y = self.teacher_attention(p)
         elif self.mode == "student":
             y = self.mixer(p)

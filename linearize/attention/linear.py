@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor, nn
 
 from linearize import ops
@@ -23,6 +25,16 @@ class LinearAttention(nn.Module):
         return ops.linear_attn(
             self.feature_q(p.q), self.feature_k(p.k), p.v,
             eps=self.eps, chunk_size=self.chunk_size, backend=self.backend,
+        )  # fmt: skip
+
+    def extend(self, p: Projected, state: Optional[ops.LinearState]) -> tuple[Tensor, ops.LinearState]:
+        """Outputs over p's tokens continuing from ``state``, and the state after them."""
+        fq, fk = self.feature_q(p.q), self.feature_k(p.k)
+        if p.q.shape[2] == 1:
+            return ops.linear_attn_step(fq, fk, p.v, state, eps=self.eps, backend=self.backend)
+        return ops.linear_attn(
+            fq, fk, p.v, eps=self.eps, chunk_size=self.chunk_size, backend=self.backend,
+            initial_state=state, output_final_state=True,
         )  # fmt: skip
 
     def weights(self, p: Projected) -> Tensor:

@@ -33,6 +33,23 @@ class WindowAttention(nn.Module):
             eps=lin.eps, chunk_size=lin.chunk_size, backend=lin.backend,
         )  # fmt: skip
 
+    def extend(self, p: Projected, state):
+        """Outputs over p's tokens continuing from ``state``, and the state after them."""
+        if self.window == 0:
+            return self.linear.extend(p, state)
+        lin = self.linear
+        fq, fk = lin.feature_q(p.q), lin.feature_k(p.k)
+        common = dict(
+            window=self.window, window_factor=torch.sigmoid(self.window_factor), scale=p.scale,
+            eps=lin.eps, backend=lin.backend,
+        )  # fmt: skip
+        if p.q.shape[2] == 1:
+            return ops.window_attn_step(p.q, p.k, p.v, fq, fk, state, **common)
+        return ops.window_attn(
+            p.q, p.k, p.v, fq, fk, chunk_size=lin.chunk_size, initial_state=state,
+            output_final_state=True, **common,
+        )  # fmt: skip
+
     def weights(self, p: Projected) -> Tensor:
         """(B, H, T, T) attention weights, for the attention-weight cross-entropy."""
         if self.window == 0:

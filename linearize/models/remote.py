@@ -22,7 +22,7 @@ from pathlib import Path
 
 from linearize import config as config_module
 from linearize import ops
-from linearize.attention import feature_maps, gated, layer, linear, window
+from linearize.attention import cache, feature_maps, gated, layer, linear, window
 from linearize.models import swap
 from linearize.ops import reference
 
@@ -154,7 +154,7 @@ def modeling_source() -> str:
         _config_part(),  # before feature_maps: its FEATURE_MAPS registry replaces the name list
         _body(feature_maps),
         _body(ops), "ops = types.SimpleNamespace(**globals())",
-        _body(layer), _body(linear), _body(window), _body(gated),
+        _body(cache), _body(layer), _body(linear), _body(window), _body(gated),
         _body(__import__("linearize.attention", fromlist=["build_mixer"])),
         _body(swap),
         _LOADER,

@@ -146,9 +146,5 @@ def swap_attention(model: PreTrainedModel, cfg: AttentionConfig, seed: int = 0) 
             p.requires_grad_(True)
             report.new_parameters += p.numel()
             report.trainable.append(f"{name}.mixer.{pname}")
-    # The recurrent-state cache is not built yet; a KV cache would be updated by no swapped layer.
-    model.config.use_cache = False
-    if model.generation_config is not None:
-        model.generation_config.use_cache = False
     log.info("%s", report.summary())
     return report
