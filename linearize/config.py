@@ -17,10 +17,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 STAGES = ("prepare", "transfer", "finetune", "uptrain", "export", "eval", "generate", "all")
+PIPELINE_STAGES = ("transfer", "finetune", "uptrain", "export", "eval")
 FAMILIES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEVICES = ("auto", "cpu", "cuda")
-ATTENTION_KINDS = ("softmax", "linear", "window", "gated")
+ATTENTION_KINDS = ("softmax", "linear", "window", "gated", "supra")
+DECAYS = ("lightning", "retnet", "none")
+TRAINABLE = ("new", "attention", "all")
 FEATURE_MAPS = ("hedgehog", "t2r", "elu", "relu", "identity", "softmax")
 DATA_FORMATS = ("alpaca", "text")
 WANDB_MODES = ("disabled", "offline", "online")
@@ -86,7 +89,8 @@ class AttentionConfig:
 
     name: str = MISSING
     kind: str = "softmax"
-    """``softmax`` (teacher, no swap), ``linear``, ``window`` (LoLCATs hybrid), ``gated`` (Liger)."""
+    """``softmax`` (teacher, no swap), ``linear``, ``window`` (LoLCATs hybrid), ``gated`` (Liger),
+    ``supra`` (ReLU-affine features, fixed decay, GroupNorm)."""
     feature_map: str = "identity"
     """Feature map applied to queries and keys (one registry); unused for ``softmax``."""
     feature_dim: int = 64
@@ -105,8 +109,10 @@ class AttentionConfig:
     """After transfer, return this many worst layers (by validation MSE) to softmax."""
     softmax_layers: list[int] = field(default_factory=list)
     """Indices of layers kept as the teacher's softmax attention (not swapped)."""
+    decay: str = "lightning"
+    """SUPRA's fixed per-head decay: ``lightning`` (ALiBi slopes), ``retnet`` or ``none``."""
     eps: float = 1e-6
-    """Added to linear attention's normalizer."""
+    """Added to linear attention's normalizer (SUPRA: the GroupNorm epsilon)."""
     backend: str = "auto"
     """Implementation of the attention math: ``auto``, ``reference`` (PyTorch) or ``triton``."""
 
@@ -122,6 +128,7 @@ class AttentionConfig:
         if not 0.0 <= self.mix <= 1.0:
             raise ValueError(f"attention.mix={self.mix} must lie in [0, 1]")
         _choice("attention.backend", self.backend, BACKENDS)
+        _choice("attention.decay", self.decay, DECAYS)
         if any(i < 0 for i in self.softmax_layers):
             raise ValueError(
                 f"attention.softmax_layers={self.softmax_layers} holds a negative layer index"
@@ -188,6 +195,9 @@ class TrainConfig:
     """Validation batches per pass (``None``: the whole validation split)."""
     early_stop_patience: Optional[int] = None
     """Stop after this many validations without improvement (``None``: never)."""
+    trainable: str = "new"
+    """``stage=uptrain``'s trainable set: ``new`` attention parameters, all ``attention``
+    parameters (plus the projections), or ``all`` (SUPRA's full uptraining)."""
 
     def __post_init__(self) -> None:
         _positive("train.lr", self.lr)
@@ -201,6 +211,7 @@ class TrainConfig:
         _positive("train.eval_every", self.eval_every)
         _positive("train.eval_batches", self.eval_batches)
         _positive("train.early_stop_patience", self.early_stop_patience)
+        _choice("train.trainable", self.trainable, TRAINABLE)
 
 
 @dataclass
@@ -354,9 +365,15 @@ class Config:
     """Where converted teachers (GGUF → safetensors) are cached (env ``LINEARIZE_CACHE``)."""
     prompt: Optional[str] = None
     """Prompt for ``stage=generate``."""
+    recipe: Optional[str] = None
+    """The method a ``recipe=`` config set up (lolcats, liger, supra), for the record."""
+    pipeline: list[str] = field(default_factory=lambda: ["transfer", "finetune", "export"])
+    """The stages ``stage=all`` runs, in order (a recipe sets its own)."""
 
     def __post_init__(self) -> None:
         _choice("stage", self.stage, STAGES)
+        for stage in self.pipeline:
+            _choice("pipeline", stage, PIPELINE_STAGES)
 
 
 def register_configs() -> None:

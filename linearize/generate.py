@@ -22,9 +22,6 @@ from linearize.log import get_logger
 
 log = get_logger(__name__)
 
-CONVERTED_STAGES = ("export", "finetune", "transfer")
-
-
 def format_prompt(prompt: str, data_format: str) -> str:
     """The prompt as the model saw instructions in training (Alpaca template), or as is."""
     if data_format == "alpaca":
@@ -96,7 +93,7 @@ def run_generate(
     from linearize.train.export import latest_stage_dir
 
     cfg = prepared.config
-    source = latest_stage_dir(Path(cfg.run.dir), CONVERTED_STAGES)
+    source = latest_stage_dir(Path(cfg.run.dir))
     model = apply_converted(prepared.teacher, source, seed=cfg.run.seed).eval()
     log.info("generating with the converted model in %s", source)
     prompts = [cfg.prompt] if cfg.prompt else []

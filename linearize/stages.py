@@ -70,21 +70,23 @@ def preflight(config: Config) -> None:
                 f"run.dir={config.run.dir} first, or set finetune.start=swap to skip transfer"
             ) from None
     if config.stage == "generate":
-        from linearize.generate import CONVERTED_STAGES
         from linearize.train.export import latest_stage_dir
 
         if not config.prompt and not config.generate.interactive:
             raise ValueError('stage=generate needs prompt="..." or generate.interactive=true')
-        latest_stage_dir(Path(config.run.dir), CONVERTED_STAGES)  # raises naming the stage to run
-    if config.stage == "transfer":
+        latest_stage_dir(Path(config.run.dir))  # raises naming the stage to run
+    if config.stage in ("transfer", "uptrain"):
         from linearize.attention import build_mixer
 
         if config.attention.kind == "softmax":
-            raise ValueError("stage=transfer needs a linear attention, not attention=softmax")
-        if not any(True for _ in build_mixer(config.attention, 1, 1, 8).parameters()):
+            raise ValueError(f"stage={config.stage} needs a linear attention, not attention=softmax")
+        only_new = config.stage == "transfer" or config.train.trainable == "new"
+        if only_new and not any(True for _ in build_mixer(config.attention, 1, 1, 8).parameters()):
+            fix = ("go straight to stage=finetune (as Liger does)" if config.stage == "transfer"
+                   else "set train.trainable=attention or all")  # fmt: skip
             raise ValueError(
-                f"attention={config.attention.name} has no new parameters, so stage=transfer has "
-                "nothing to train; go straight to stage=finetune (as Liger does)"
+                f"attention={config.attention.name} has no new parameters, so stage={config.stage} "
+                f"has nothing to train; {fix}"
             )
 
 
@@ -104,21 +106,11 @@ def prepare(config: Config, cfg: DictConfig) -> Prepared:
     return Prepared(config, run_dir, tokenizer, teacher, data, accelerator)
 
 
-def _not_built(name: str, issue: int) -> Callable[[Prepared], None]:
-    def stage(prepared: Prepared) -> None:
-        raise NotImplementedError(
-            f"stage={name} is not built yet (tracked as issue {issue}); teacher and data were "
-            "loaded and checked. Use stage=prepare to stop here."
-        )
-
-    return stage
-
-
 STAGE_RUNNERS: dict[str, Callable[[Prepared], None]] = {
     "prepare": lambda prepared: None,
     "transfer": lambda prepared: _tracked(prepared, "transfer"),
     "finetune": lambda prepared: _tracked(prepared, "finetune"),
-    "uptrain": _not_built("uptrain", 11),
+    "uptrain": lambda prepared: _tracked(prepared, "uptrain"),
     "eval": lambda prepared: _tracked(prepared, "eval"),
     "generate": lambda prepared: _tracked(prepared, "generate"),
     "export": lambda prepared: _tracked(prepared, "export"),
@@ -131,11 +123,11 @@ def _tracked(prepared: Prepared, stage: str) -> None:
     from linearize.generate import run_generate
     from linearize.log import Tracker
     from linearize.train.export import run_export
-    from linearize.train.finetune import run_finetune
+    from linearize.train.finetune import run_finetune, run_uptrain
     from linearize.train.transfer import run_transfer
 
-    runners = {"transfer": run_transfer, "finetune": run_finetune, "export": run_export, "eval": run_eval,
-               "generate": run_generate}  # fmt: skip
+    runners = {"transfer": run_transfer, "finetune": run_finetune, "uptrain": run_uptrain,
+               "export": run_export, "eval": run_eval, "generate": run_generate}  # fmt: skip
     run = runners[stage]
     c = prepared.config
     config = OmegaConf.to_container(OmegaConf.structured(c))
@@ -146,13 +138,11 @@ def _tracked(prepared: Prepared, stage: str) -> None:
         tracker.finish()
 
 
-ALL_STAGES = ("transfer", "finetune", "export")
-
-
 def run_all(config: Config, cfg: DictConfig) -> None:
-    """transfer -> finetune -> export, each composed as if run alone with ``stage=<it>`` (so each
-    gets its own stage defaults) and ``run.resume=true``. A stage whose output exists is skipped;
-    one interrupted inside resumes from its last checkpoint."""
+    """The stages of ``pipeline`` in order (transfer -> finetune -> export, or a recipe's), each
+    composed as if run alone with ``stage=<it>`` (so each gets its own stage defaults) and
+    ``run.resume=true``. A stage whose output exists is skipped; one interrupted inside resumes
+    from its last checkpoint."""
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
@@ -161,8 +151,9 @@ def run_all(config: Config, cfg: DictConfig) -> None:
 
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("stage=", "run.resume="))]
     run_dir = Path(config.run.dir)
-    for stage in ALL_STAGES:
-        if (run_dir / stage / MANIFEST).is_file():
+    for stage in config.pipeline:
+        done = run_dir / stage / ("report.json" if stage == "eval" else MANIFEST)
+        if done.is_file():
             log.info("stage=all: %s already done (%s), skipping", stage, run_dir / stage)
             continue
         sub = compose(config_name="config", overrides=[*overrides, f"stage={stage}", "run.resume=true", f"run.dir={run_dir}"])

@@ -28,6 +28,7 @@ VARIANTS = {
     "relu": ("attention=relu",),
     "liger": ("attention=liger", "attention.window=4"),
     "liger-no-window": ("attention=liger", "attention.window=0"),
+    "supra": ("attention=supra",),
 }
 
 

@@ -11,10 +11,14 @@ from torch import nn
 from linearize.attention.gated import GatedAttention
 from linearize.attention.layer import AttentionLayer, Projected
 from linearize.attention.linear import LinearAttention
+from linearize.attention.supra import SupraAttention
 from linearize.attention.window import WindowAttention
 from linearize.config import AttentionConfig
 
-MIXERS = {"linear": LinearAttention, "window": WindowAttention, "gated": GatedAttention}
+MIXERS = {
+    "linear": LinearAttention, "window": WindowAttention, "gated": GatedAttention,
+    "supra": SupraAttention,
+}  # fmt: skip
 
 __all__ = ["MIXERS", "AttentionLayer", "Projected", "build_mixer"]
 

@@ -41,6 +41,9 @@ class Projected:
     q_pre: Tensor  # (B, H, T, D) before rotary
     k_pre: Tensor  # (B, H_kv, T, D) before rotary
     scale: float  # the teacher's softmax scale
+    # Applies this layer's rotary at these positions to any (q, k) pair: for maps that act
+    # before rotary (SUPRA). None where no positions are known.
+    rotate: Optional[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = None
 
 
 class Mixer(Protocol):
@@ -87,7 +90,7 @@ class AttentionLayer(nn.Module):
         v = self.v_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         q_rot, k_rot = self.rotary(q, k, cos, sin)
-        return Projected(q_rot, k_rot, v, q, k, self.scaling)
+        return Projected(q_rot, k_rot, v, q, k, self.scaling, lambda a, b: self.rotary(a, b, cos, sin))
 
     def teacher_attention(self, p: Projected) -> Tensor:
         return ops.softmax_attn(p.q, p.k, p.v, scale=p.scale, window=self.sliding_window)

@@ -36,7 +36,7 @@ def run_eval(prepared, accelerator=None, tracker=None) -> Path:
     cfg = prepared.config
     run_dir = Path(cfg.run.dir)
     try:
-        source = latest_stage_dir(run_dir, ("export", "finetune", "transfer"))
+        source = latest_stage_dir(run_dir)
     except FileNotFoundError:
         source = None
         log.warning("no converted model in %s: scoring the teacher alone", run_dir)

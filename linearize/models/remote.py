@@ -22,7 +22,7 @@ from pathlib import Path
 
 from linearize import config as config_module
 from linearize import ops
-from linearize.attention import cache, feature_maps, gated, layer, linear, window
+from linearize.attention import cache, feature_maps, gated, layer, linear, supra, window
 from linearize.models import swap
 from linearize.ops import reference
 
@@ -139,7 +139,7 @@ def _body(module) -> str:
 def _config_part() -> str:
     constants = "\n".join(
         f"{name} = {getattr(config_module, name)!r}"
-        for name in ("ATTENTION_KINDS", "FEATURE_MAPS", "BACKENDS", "FAMILIES")
+        for name in ("ATTENTION_KINDS", "DECAYS", "FEATURE_MAPS", "BACKENDS", "FAMILIES")
     )
     parts = [inspect.getsource(f) for f in (config_module._choice, config_module._positive)]
     parts.append(inspect.getsource(config_module.AttentionConfig))
@@ -154,7 +154,7 @@ def modeling_source() -> str:
         _config_part(),  # before feature_maps: its FEATURE_MAPS registry replaces the name list
         _body(feature_maps),
         _body(ops), "ops = types.SimpleNamespace(**globals())",
-        _body(cache), _body(layer), _body(linear), _body(window), _body(gated),
+        _body(cache), _body(layer), _body(linear), _body(window), _body(gated), _body(supra),
         _body(__import__("linearize.attention", fromlist=["build_mixer"])),
         _body(swap),
         _LOADER,

@@ -14,25 +14,45 @@ from pathlib import Path
 
 import peft
 
-from linearize.config import AdapterConfig, AttentionConfig
+from linearize.config import AdapterConfig, AttentionConfig, ModelConfig
 from linearize.log import get_logger
 from linearize.models.convert import MANIFEST, apply_converted, read_manifest, save_converted
 
 log = get_logger(__name__)
 
 
-def latest_stage_dir(run_dir: Path, stages: tuple[str, ...] = ("finetune", "transfer")) -> Path:
+CONVERTED_STAGES = ("export", "finetune", "uptrain", "transfer")
+"""Stages that write a converted model, latest in a pipeline first."""
+
+
+def latest_stage_dir(run_dir: Path, stages: tuple[str, ...] = CONVERTED_STAGES) -> Path:
     """The directory of the latest of ``stages`` (latest first) that wrote a converted model."""
     for stage in stages:
         if (run_dir / stage / MANIFEST).is_file():
             return run_dir / stage
-    raise FileNotFoundError(f"{run_dir} holds no converted model yet: run stage=transfer (and finetune) first")
+    raise FileNotFoundError(
+        f"{run_dir} holds no converted model yet: run stage=transfer (and finetune), "
+        "stage=uptrain or stage=all first"
+    )
+
+
+def save_full(model, out_dir: Path, *, teacher: ModelConfig, attention: AttentionConfig, tokenizer,
+              seed: int, extra: dict) -> None:  # fmt: skip
+    """Write ``model`` (a swapped teacher, no adapter) whole: ``model.safetensors`` holds every
+    weight but the new attention parameters, and the manifest names ``out_dir`` as the teacher,
+    so the directory loads without the original teacher."""
+    weights = {n: p for n, p in model.state_dict().items() if ".mixer." not in n}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, state_dict=weights)
+    own = replace(teacher, path=str(out_dir.resolve()), init="pretrained", tokenizer=None)
+    save_converted(model, out_dir, teacher=own, attention=attention, softmax_layers=attention.softmax_layers,
+                   tokenizer=tokenizer, seed=seed, extra=extra)  # fmt: skip
 
 
 def run_export(prepared, accelerator=None, tracker=None) -> Path:
     cfg = prepared.config
     run_dir = Path(cfg.run.dir)
-    source = latest_stage_dir(run_dir)
+    source = latest_stage_dir(run_dir, CONVERTED_STAGES[1:])
     manifest = read_manifest(source)
     out_dir = run_dir / "export"
     model = apply_converted(prepared.teacher, source, seed=cfg.run.seed)
@@ -45,12 +65,7 @@ def run_export(prepared, accelerator=None, tracker=None) -> Path:
                        tokenizer=prepared.tokenizer, seed=cfg.run.seed, extra=extra)  # fmt: skip
     else:
         plain = model.merge_and_unload() if isinstance(model, peft.PeftModel) else model
-        teacher_weights = {n: p for n, p in plain.state_dict().items() if ".mixer." not in n}
-        out_dir.mkdir(parents=True, exist_ok=True)
-        plain.save_pretrained(out_dir, state_dict=teacher_weights)
-        merged_teacher = replace(cfg.model, path=str(out_dir.resolve()), init="pretrained", tokenizer=None)
-        save_converted(plain, out_dir, teacher=merged_teacher, attention=attention,
-                       softmax_layers=attention.softmax_layers, tokenizer=prepared.tokenizer,
-                       seed=cfg.run.seed, extra=extra)  # fmt: skip
+        save_full(plain, out_dir, teacher=cfg.model, attention=attention, tokenizer=prepared.tokenizer,
+                  seed=cfg.run.seed, extra=extra)  # fmt: skip
     log.info("exported %s (%s) to %s", source, "merged" if cfg.export.merge else "deltas", out_dir)
     return out_dir

@@ -1,14 +1,18 @@
-"""Stage 2 (and SUPRA-style uptraining): next-token loss with the same loop as stage 1.
+"""Stage 2 and SUPRA-style uptraining: next-token loss with the same loop as stage 1.
 
-The trainable set is what differs: a peft adapter (``adapter=lora|dora|pissa|olora|fourierft|
-vera``) on the converted model, plus the stage-1 parameters when ``adapter.train_new``.
-The model starts from the stage-1 output (``finetune.start=transfer``) or from a fresh swap
-with no transfer at all (``finetune.start=swap``: Liger's recipe, and the no-transfer baseline).
+The trainable set is what differs. ``stage=finetune``: a peft adapter (``adapter=lora|dora|
+pissa|olora|fourierft|vera``) on the converted model, plus the stage-1 parameters when
+``adapter.train_new``; the model starts from the stage-1 output (``finetune.start=transfer``)
+or from a fresh swap with no transfer at all (``finetune.start=swap``: Liger's recipe, and the
+no-transfer baseline). ``stage=uptrain`` (SUPRA): a fresh swap, no adapter, and
+``train.trainable`` = ``new`` (the new attention parameters), ``attention`` (those plus every
+swapped layer's q/k/v/o projections) or ``all`` (the whole model).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch.nn.functional as F
@@ -20,6 +24,7 @@ from linearize.data import IGNORE_INDEX
 from linearize.log import Tracker, get_logger
 from linearize.models.convert import apply_converted, build_adapter, read_manifest, save_converted
 from linearize.models.swap import attention_layers, set_mode, swap_attention
+from linearize.train.export import save_full
 from linearize.train.loop import train
 
 log = get_logger(__name__)
@@ -85,5 +90,48 @@ def run_finetune(prepared, accelerator: Accelerator, tracker: Tracker | None = N
             extra={**extra, "history": state.history},
         )  # fmt: skip
     log.info("finetune done: val loss %.4g -> %.4g (best step %d); converted model in %s",
+             first_val, state.best_val, state.best_step, out_dir)  # fmt: skip
+    return out_dir
+
+
+def set_trainable(model: nn.Module, trainable: str) -> None:
+    """``new``: only the swapped layers' mixers; ``attention``: their projections too; ``all``."""
+    model.requires_grad_(trainable == "all")
+    for layer in attention_layers(model):
+        layer.mixer.requires_grad_(True)
+        if trainable == "attention":
+            for proj in (layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj):
+                proj.requires_grad_(True)
+
+
+def run_uptrain(prepared, accelerator: Accelerator, tracker: Tracker | None = None) -> Path:
+    """Swap, train ``train.trainable`` on next-token loss, write ``<run.dir>/uptrain``."""
+    cfg = prepared.config
+    out_dir = Path(cfg.run.dir) / "uptrain"
+    model = prepared.teacher
+    report = swap_attention(model, cfg.attention, seed=cfg.run.seed)
+    set_mode(model, "student")
+    set_trainable(model, cfg.train.trainable)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("uptrain (train.trainable=%s) trains %s of %s parameters", cfg.train.trainable, f"{n_train:,}", f"{n_all:,}")
+    state = train(
+        model, NextTokenObjective(), prepared.data.train, prepared.data.val, cfg.train, out_dir,
+        accelerator=accelerator, seed=cfg.run.seed, resume=cfg.run.resume, tracker=tracker,
+    )  # fmt: skip
+    first_val = next((h["val/val_loss"] for h in state.history if "val/val_loss" in h), None)
+    extra = {"stage": "uptrain", "trainable": cfg.train.trainable, "best_val_loss": state.best_val,
+             "initial_val_loss": first_val, "steps": state.step, "best_step": state.best_step,
+             "history": state.history}  # fmt: skip
+    if accelerator.is_main_process:
+        attention = replace(cfg.attention, softmax_layers=report.softmax)
+        if cfg.train.trainable == "new":  # the teacher is unchanged: deltas suffice
+            save_converted(model, out_dir, teacher=cfg.model, attention=attention, softmax_layers=report.softmax,
+                           tokenizer=prepared.tokenizer, seed=cfg.run.seed, extra=extra)  # fmt: skip
+        else:
+            save_full(model, out_dir, teacher=cfg.model, attention=attention, tokenizer=prepared.tokenizer,
+                      seed=cfg.run.seed, extra=extra)  # fmt: skip
+    accelerator.wait_for_everyone()
+    log.info("uptrain done: val loss %.4g -> %.4g (best step %d); converted model in %s",
              first_val, state.best_val, state.best_step, out_dir)  # fmt: skip
     return out_dir

@@ -1,0 +1,123 @@
+"""stage=uptrain (SUPRA's recipe): trainable sets, resume, outputs; recipes end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from linearize.config import validate
+from linearize.models.convert import load_converted, read_manifest
+from linearize.stages import prepare, preflight
+from linearize.models.load import load_teacher
+from linearize.models.swap import swap_attention
+from linearize.train import finetune
+from linearize.train.finetune import NextTokenObjective, run_uptrain, set_trainable
+from tests.conftest import build_config, compose_config, data_root, kill_on_call
+from tests.test_cli import run_cli
+
+TINY = ("stage=uptrain", "model=tiny-llama", "attention=supra", "data.max_examples=60", "data.seq_len=64",
+        "train.grad_accum=1", "train.batch_size=2", "train.max_steps=4", "train.eval_every=2",
+        "train.eval_batches=1", "train.lr=1e-3")  # fmt: skip
+
+
+def prepared(tmp_path: Path, *overrides: str):
+    dc = compose_config(*TINY, f"data_dir={data_root()}", f"run.dir={tmp_path}", *overrides)
+    config = validate(dc)
+    preflight(config)
+    return prepare(config, dc)
+
+
+def initial_model(prep):
+    """The model uptraining starts from: the same seeded teacher and swap, untrained."""
+    cfg = prep.config
+    model = load_teacher(cfg.model, cache_dir=cfg.cache_dir, device=torch.device("cpu"), seed=cfg.run.seed)
+    swap_attention(model, cfg.attention, seed=cfg.run.seed)
+    return model
+
+
+@pytest.mark.parametrize("trainable", ["new", "attention", "all"])
+def test_uptrain_changes_exactly_the_trainable_set(tmp_path, trainable):
+    prep = prepared(tmp_path, f"train.trainable={trainable}", "train.max_steps=2")
+    start = dict(initial_model(prep).named_parameters())
+    out = run_uptrain(prep, prep.accelerator)
+    model = prep.teacher
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
+    new = {n for n, _ in model.named_parameters() if ".mixer." in n}
+    proj = {n for n, _ in model.named_parameters() if any(f"self_attn.{x}_proj" in n for x in "qkvo")}
+    expected = {"new": new, "attention": new | proj, "all": set(start)}[trainable]
+    assert moved == expected, sorted(moved ^ expected)[:5]
+    manifest = read_manifest(out)
+    assert manifest["stage"] == "uptrain" and manifest["trainable"] == trainable
+    assert (out / "model.safetensors").is_file() == (trainable != "new")
+    # the written model reproduces the trained one
+    loaded, _ = load_converted(out)
+    x = torch.randint(0, 1000, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_set_trainable_marks_the_sets():
+    cfg = build_config("model=tiny-llama", "attention=supra")
+    model = load_teacher(cfg.model, cache_dir=cfg.cache_dir, device=torch.device("cpu"))
+    swap_attention(model, cfg.attention)
+    set_trainable(model, "attention")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".mixer." in n or "_proj" in n and "self_attn" in n for n in names)
+    assert any("self_attn.o_proj" in n for n in names) and not any("mlp" in n for n in names)
+
+
+def test_uptrain_resume_is_exact(tmp_path, monkeypatch):
+    whole = prepared(tmp_path / "whole", "train.trainable=attention")
+    run_uptrain(whole, whole.accelerator)
+    expected = load_file(tmp_path / "whole" / "uptrain" / "model.safetensors")
+
+    def killed():
+        # loss calls: step-0 validation, steps 1 and 2, validation + checkpoint at 2, step 3 dies
+        objective = NextTokenObjective()
+        kill_on_call(objective, 5)
+        return objective
+
+    crashed = prepared(tmp_path / "crash", "train.trainable=attention")
+    monkeypatch.setattr(finetune, "NextTokenObjective", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_uptrain(crashed, crashed.accelerator)
+    monkeypatch.undo()
+    ckpt = tmp_path / "crash" / "uptrain" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step-0000002"
+    resumed = prepared(tmp_path / "crash", "train.trainable=attention", "run.resume=true")
+    run_uptrain(resumed, resumed.accelerator)
+    got = load_file(tmp_path / "crash" / "uptrain" / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_uptrain_without_new_parameters_needs_a_wider_trainable_set(tmp_path):
+    dc = compose_config(*TINY, "attention=liger", f"data_dir={data_root()}", f"run.dir={tmp_path}")
+    with pytest.raises(ValueError, match="train.trainable=attention or all"):
+        preflight(validate(dc))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,stages", [
+    ("lolcats", ("transfer", "finetune", "export")),
+    ("liger", ("finetune", "export")),
+    ("supra", ("uptrain", "export")),
+])  # fmt: skip
+def test_recipes_run_end_to_end(tmp_path, recipe, stages):
+    run_dir = tmp_path / "run"
+    out = run_cli(
+        "stage=all", f"recipe={recipe}", "model=tiny-llama", "attention.window=8", "data.max_examples=60",
+        "data.seq_len=64", "train.grad_accum=1", "train.max_steps=2", "train.eval_every=1",
+        f"run.dir={run_dir}", f"data_dir={data_root()}",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    for stage in stages:
+        assert read_manifest(run_dir / stage)["attention"]["name"] == recipe, stage
+    ran = {p.name for p in run_dir.iterdir() if (p / "linearize.json").is_file()}
+    assert ran == set(stages)
+    model, tokenizer = load_converted(run_dir / "export")
+    assert model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=3).shape[1] >= 3
