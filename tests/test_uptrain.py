@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from linearize.config import validate
-from linearize.models.convert import load_converted, read_manifest
+from linearize.models.convert import apply_converted, load_converted, read_manifest
 from linearize.stages import prepare, preflight
 from linearize.models.load import load_teacher
 from linearize.models.swap import swap_attention
@@ -30,10 +30,15 @@ def prepared(tmp_path: Path, *overrides: str):
     return prepare(config, dc)
 
 
+def _fresh_teacher(prep):
+    cfg = prep.config
+    return load_teacher(cfg.model, cache_dir=cfg.cache_dir, device=torch.device("cpu"), seed=cfg.run.seed)
+
+
 def initial_model(prep):
     """The model uptraining starts from: the same seeded teacher and swap, untrained."""
     cfg = prep.config
-    model = load_teacher(cfg.model, cache_dir=cfg.cache_dir, device=torch.device("cpu"), seed=cfg.run.seed)
+    model = _fresh_teacher(prep)
     swap_attention(model, cfg.attention, seed=cfg.run.seed)
     return model
 
@@ -52,11 +57,15 @@ def test_uptrain_changes_exactly_the_trainable_set(tmp_path, trainable):
     manifest = read_manifest(out)
     assert manifest["stage"] == "uptrain" and manifest["trainable"] == trainable
     assert (out / "model.safetensors").is_file() == (trainable != "new")
-    # the written model reproduces the trained one
+    # the written model reproduces the trained one, loaded alone or applied to the teacher
+    # (as stage=eval and stage=generate do)
     loaded, _ = load_converted(out)
+    applied = apply_converted(_fresh_teacher(prep), out)
     x = torch.randint(0, 1000, (1, 20))
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+        expected = model(x).logits
+        torch.testing.assert_close(loaded(x).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(applied(x).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_set_trainable_marks_the_sets():

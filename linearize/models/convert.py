@@ -12,6 +12,10 @@ A converted directory holds:
 - ``config.json`` + ``modeling_linearize.py``, so that transformers alone loads it with
   ``trust_remote_code=True`` (:mod:`linearize.models.remote`).
 
+A directory written whole (``export.merge=true``, ``stage=uptrain`` with ``train.trainable``
+other than ``new``) also holds the teacher-shaped weights (``model.safetensors``), which
+replace the teacher's own when it is applied.
+
 Every stage's output directory is such a directory, so the next stage (or a user) starts from
 it with :func:`apply_converted` / :func:`load_converted`.
 """
@@ -105,6 +109,39 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return json.loads(manifest.read_text())
 
 
+def full_weight_files(path: Path) -> list[Path]:
+    """The teacher-shaped weight files of a directory written whole (merged export, uptrain)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / shard for shard in shards]
+    single = path / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def load_full_weights(teacher: nn.Module, path: Path) -> None:
+    """Replace the teacher's weights by a whole-model directory's own (none: do nothing).
+
+    Raises:
+        ValueError: when the files do not fit the teacher (other shapes or names).
+    """
+    files = full_weight_files(path)
+    if not files:
+        return
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    try:
+        missing, unexpected = teacher.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise ValueError(f"the weights in {path} do not fit this teacher: {err}") from None
+    # Tied weights (an LM head sharing the embedding) are stored once and count as present.
+    own = {n for n, _ in teacher.named_parameters()} | {n for n, _ in teacher.named_buffers()}
+    missing = [n for n in missing if n in own and n not in state]
+    if missing or unexpected:
+        raise ValueError(f"the weights in {path} do not fit this teacher: missing {missing[:3]}, unknown {unexpected[:3]}")
+
+
 def apply_converted(teacher: nn.Module, path: Path, *, with_adapter: bool = True, seed: int = 0) -> nn.Module:
     """Turn a loaded teacher into the converted model saved at ``path``.
 
@@ -115,6 +152,7 @@ def apply_converted(teacher: nn.Module, path: Path, *, with_adapter: bool = True
     path = Path(path)
     manifest = read_manifest(path)
     attention = AttentionConfig(**manifest["attention"])
+    load_full_weights(teacher, path)
     swap_attention(teacher, attention, seed=seed)
     new = load_file(path / "attention.safetensors")
     params = dict(teacher.named_parameters())

@@ -15,6 +15,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor, nn
@@ -31,14 +32,24 @@ log = get_logger(__name__)
 
 
 class NextTokenObjective:
-    """Mean cross-entropy of the next token over positions whose label is not -100."""
+    """Mean cross-entropy of the next token over positions whose label is not -100.
+
+    Under several processes the mean is over the tokens of every process's micro-batch: each
+    divides its sum by the mean count per process, so the average of the processes' gradients
+    (what DDP computes) is the gradient of the global token mean, as one process with the whole
+    batch would compute it.
+    """
 
     def loss(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
         logits = model(input_ids=inputs, use_cache=False).logits[:, :-1]  # (B, T-1, V)
         targets = labels[:, 1:]
         total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        count = (targets != IGNORE_INDEX).sum().float()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(count)
+            count = count / dist.get_world_size()
         # A packed row may hold only prompt tokens: count at least one so the loss stays finite.
-        count = (targets != IGNORE_INDEX).sum().clamp_min(1)
+        count = count.clamp_min(1.0)
         return total / count, {"tokens": float(count)}
 
     def validate(self, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
