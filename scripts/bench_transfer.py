@@ -19,13 +19,12 @@ import argparse
 import json
 import statistics
 import sys
-import threading
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchlib import PeakMemory, timed  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from linearize.config import register_configs, validate  # noqa: E402
@@ -34,57 +33,6 @@ from linearize.models.swap import attention_layers, swap_attention  # noqa: E402
 from linearize.train.transfer import TransferObjective  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
-class PeakMemory:
-    """Peak memory of the block it wraps, above the level at its start, in bytes."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak = device, 0
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            self.base, self._stop = _rss(), False
-            self._high = self.base
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop:
-            self._high = max(self._high, _rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self._stop = True
-            self._thread.join()
-            self.peak = max(self._high, _rss()) - self.base
-
-
-def timed(fn, device: torch.device, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
@@ -96,11 +44,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. attention.chunk_size=256")
     args = parser.parse_args()
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        cfg = validate(compose("config", overrides=[f"model={args.model}", f"attention={args.attention}"]))
+        cfg = validate(compose("config", overrides=[f"model={args.model}", f"attention={args.attention}", *args.overrides]))
     device = resolve_device(args.device)
     model = load_teacher(cfg.model, cache_dir=cfg.cache_dir, device=device)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len),

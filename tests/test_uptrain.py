@@ -129,4 +129,8 @@ def test_recipes_run_end_to_end(tmp_path, recipe, stages):
     ran = {p.name for p in run_dir.iterdir() if (p / "linearize.json").is_file()}
     assert ran == set(stages)
     model, tokenizer = load_converted(run_dir / "export")
+    last, _ = load_converted(run_dir / stages[-2])  # export holds exactly the last stage's model
+    x = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, last(x).logits, rtol=1e-5, atol=1e-5)
     assert model.generate(**tokenizer("Hello", return_tensors="pt"), max_new_tokens=3).shape[1] >= 3

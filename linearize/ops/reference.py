@@ -135,6 +135,12 @@ def _up(n_heads: int, v: Tensor, *xs: Tensor) -> list[Tensor]:
     return [expand_kv(x.to(dtype), n_heads) for x in xs]
 
 
+def _chunks(chunk_size: int, *xs: Tensor) -> list[tuple[Tensor, ...]]:
+    """Each x cut into chunks along time. ``split`` rather than slicing: its backward joins
+    the chunk gradients, where each slice's backward would fill a whole-length zero tensor."""
+    return [x.split(chunk_size, dim=2) for x in xs]
+
+
 def _distance(n_q: int, n_k: int, offset: int, device: torch.device) -> Tensor:
     """(n_q, n_k) positions from key j to query i, when query i sits at key index i + offset."""
     return torch.arange(n_q, device=device)[:, None] + offset - torch.arange(n_k, device=device)[None, :]
@@ -193,12 +199,11 @@ def linear_attn_chunked(
     """
     _check_qkv(q, k, v)
     _check_positive("chunk_size", chunk_size)
-    dtype, h, t = v.dtype, q.shape[1], q.shape[2]
+    dtype, h = v.dtype, q.shape[1]
     q, k, v = _up(h, v, q, k, v)
     s_, z = _linear_state(initial_state, q, v)
     ys = []
-    for start in range(0, t, chunk_size):
-        qc, kc, vc = (x[:, :, start : start + chunk_size] for x in (q, k, v))  # (B, H, c, .)
+    for qc, kc, vc in zip(*_chunks(chunk_size, q, k, v)):  # (B, H, c, .)
         c = qc.shape[2]
         a = (qc @ kc.mT).masked_fill(_distance(c, c, 0, q.device) < 0, 0.0)  # (B, H, c, c)
         y = qc @ s_ + a @ vc  # (B, H, c, D)
@@ -324,16 +329,15 @@ def window_attn_chunked(
     """
     _check_window(q, k, v, fq, fk, window)
     _check_positive("chunk_size", chunk_size)
-    dtype, h, t = v.dtype, q.shape[1], q.shape[2]
+    dtype, h = v.dtype, q.shape[1]
     q, fq, k, v, fk = _up(h, v, q, fq, k, v, fk)
     f = _mix_factor(window_factor, h, q.dtype)
     s_, z, kw, vw, fkw = _window_state(initial_state, q, v, fq, window)
     ys = []
-    for start in range(0, t, chunk_size):
-        end = min(start + chunk_size, t)
-        p, c = kw.shape[2], end - start
-        kx, vx, fkx = (torch.cat([w, x[:, :, start:end]], 2) for w, x in ((kw, k), (vw, v), (fkw, fk)))
-        qc, fqc = q[:, :, start:end], fq[:, :, start:end]  # (B, H, c, .) against keys (B, H, p+c, .)
+    for qc, fqc, kc, vc, fkc in zip(*_chunks(chunk_size, q, fq, k, v, fk)):
+        p, c = kw.shape[2], qc.shape[2]
+        kx, vx, fkx = (torch.cat([w, x], 2) for w, x in ((kw, kc), (vw, vc), (fkw, fkc)))
+        # queries (B, H, c, .) against the cache's and the chunk's keys (B, H, p+c, .)
         dist = _distance(c, p + c, p, q.device)  # the cache's p keys come right before the chunk
         sc = (qc @ kx.mT * scale).masked_fill((dist < 0) | (dist >= window), float("-inf"))
         a_sm = torch.exp(sc - sc.amax(-1, keepdim=True))  # (B, H, c, p+c)
@@ -451,13 +455,12 @@ def gated_attn_chunked(
     """
     _check_qkv(q, k, v)
     _check_positive("chunk_size", chunk_size)
-    dtype, h, t = v.dtype, q.shape[1], q.shape[2]
+    dtype, h = v.dtype, q.shape[1]
     g = _gate(g, k, v, h)
     q, k, v = _up(h, v, q, k, v)
     s_ = _gated_state(initial_state, q, v)
     ys = []
-    for start in range(0, t, chunk_size):
-        qc, kc, vc, gc = (x[:, :, start : start + chunk_size] for x in (q, k, v, g))
+    for qc, kc, vc, gc in zip(*_chunks(chunk_size, q, k, v, g)):
         c = qc.shape[2]
         cum = gc.cumsum(2)  # (B, H, c, F|1) log decay from the chunk start through each token
         a = (qc[:, :, :, None] * kc[:, :, None] * _decay_matrix(cum, _distance(c, c, 0, q.device) >= 0)).sum(-1)

@@ -49,6 +49,9 @@ class LocalAccelerator:
     def no_sync(self, model):
         return nullcontext()
 
+    def autocast(self):
+        return nullcontext()
+
     def backward(self, loss: Tensor) -> None:
         loss.backward()
 

@@ -1,10 +1,12 @@
 """Export: the final converted model of a run, as deltas over the teacher or merged in full.
 
 ``<run.dir>/export`` receives the latest stage's converted model (``finetune`` if it ran, else
-``transfer``). With ``export.merge=true`` the adapter is merged into the projections and the
-whole model is written (``model.safetensors`` + ``config.json``, without the stage-1
-parameters, which stay in ``attention.safetensors``); its manifest then names the export
-directory itself as the teacher, so it loads without the original teacher.
+``uptrain``, else ``transfer``). With ``export.merge=true`` the adapter is merged into the
+projections and the whole model is written (``model.safetensors`` + ``config.json``, without
+the stage-1 parameters, which stay in ``attention.safetensors``); its manifest then names the
+export directory itself as the teacher, so it loads without the original teacher. A source
+that was itself written whole (``stage=uptrain`` training more than the new parameters) is
+always exported whole.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import peft
 
 from linearize.config import AdapterConfig, AttentionConfig, ModelConfig
 from linearize.log import get_logger
-from linearize.models.convert import MANIFEST, apply_converted, read_manifest, save_converted
+from linearize.models.convert import MANIFEST, apply_converted, full_weight_files, read_manifest, save_converted
 
 log = get_logger(__name__)
 
@@ -57,8 +59,10 @@ def run_export(prepared, accelerator=None, tracker=None) -> Path:
     out_dir = run_dir / "export"
     model = apply_converted(prepared.teacher, source, seed=cfg.run.seed)
     attention = AttentionConfig(**manifest["attention"])
-    extra = {"stage": "export", "source": str(source), "merged": cfg.export.merge}
-    if not cfg.export.merge:
+    # A source written whole (uptrain of more than the new parameters) stays whole.
+    whole = cfg.export.merge or bool(full_weight_files(source))
+    extra = {"stage": "export", "source": str(source), "merged": whole}
+    if not whole:
         save_converted(model, out_dir, teacher=cfg.model, attention=attention,
                        softmax_layers=attention.softmax_layers,
                        adapter=AdapterConfig(**manifest["adapter"]) if manifest["adapter"] else None,
@@ -67,5 +71,5 @@ def run_export(prepared, accelerator=None, tracker=None) -> Path:
         plain = model.merge_and_unload() if isinstance(model, peft.PeftModel) else model
         save_full(plain, out_dir, teacher=cfg.model, attention=attention, tokenizer=prepared.tokenizer,
                   seed=cfg.run.seed, extra=extra)  # fmt: skip
-    log.info("exported %s (%s) to %s", source, "merged" if cfg.export.merge else "deltas", out_dir)
+    log.info("exported %s (%s) to %s", source, "whole" if whole else "deltas", out_dir)
     return out_dir

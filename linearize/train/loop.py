@@ -140,7 +140,7 @@ def validation_batches(split: Split, cfg: TrainConfig, seed: int, accelerator: A
 def validate(objective: Objective, model: nn.Module, batches: list, accelerator: Accelerator) -> dict[str, float]:
     """The objective's validation metrics, averaged over processes."""
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), accelerator.autocast():  # mixed precision as in training
         val = objective.validate(model, batches)
     # Every process scored a shard of equal size, so the mean of the means is the mean.
     device = accelerator.device
@@ -294,8 +294,9 @@ def train(
             index = state.step * cfg.grad_accum + micro
             inputs, labels = micro_batch(train_split, seed, index, cfg.batch_size, rank, world)
             inputs, labels = inputs.to(accelerator.device), labels.to(accelerator.device)
-            if in_pieces:
-                loss, parts = objective.loss_and_backward(wrapped, inputs, labels, backward)
+            if in_pieces:  # the model is not prepared, so mixed precision is applied here
+                with accelerator.autocast():
+                    loss, parts = objective.loss_and_backward(wrapped, inputs, labels, backward)
             else:
                 sync = micro == cfg.grad_accum - 1
                 with nullcontext() if sync else accelerator.no_sync(wrapped):
