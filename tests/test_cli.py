@@ -31,9 +31,10 @@ def test_help_lists_groups_and_options():
     for line in (
         "stage: all, eval, export, finetune, generate, prepare, transfer, uptrain",
         "adapter: dora, fourierft, lora, olora, pissa, vera",
-        "attention: elu, hedgehog, liger, lolcats, relu, softmax, t2r",
+        "attention: elu, hedgehog, liger, lolcats, relu, softmax, supra, t2r",
         "data: alpaca-clean, alpaca-local, text",
-        "accelerate: ddp, fsdp, single",
+        "accelerate: ddp, fsdp, multinode, single",
+        "recipe: liger, lolcats, supra",
     ):
         assert line in out.stdout
     assert "smollm2-135m" in out.stdout and "llama3.1-405b" in out.stdout
