@@ -89,8 +89,24 @@ def local_files(cfg: DataConfig, data_dir: str | Path) -> list[Path]:
 def _read_json_records(path: Path) -> list[Any]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(
+                        f"data file {str(path)!r}, line {number}: not valid JSON ({err.msg} at column "
+                        f"{err.colno}); a .jsonl file holds one JSON object per line"
+                    ) from None
+        return records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"data file {str(path)!r} is not valid JSON ({err.msg} at line {err.lineno}, column "
+            f"{err.colno}); fix the file or drop it from data.files"
+        ) from None
     if not isinstance(data, list):
         raise ValueError(f"{str(path)!r} must hold a JSON list of records")
     return data
@@ -111,7 +127,7 @@ def read_records(cfg: DataConfig, data_dir: str | Path) -> list[dict[str, str]]:
         records = [_normalise(r, cfg, cfg.hub) for r in _load_hub(cfg)]
     if not records:
         where = cfg.files or cfg.hub
-        raise ValueError(f"data set '{cfg.name}' ({where}) holds no records")
+        raise ValueError(f"data set '{cfg.name}' ({where}) holds no records; point data.files at non-empty files")
     return records
 
 
@@ -136,7 +152,11 @@ def _normalise(record: Any, cfg: DataConfig, origin: Any) -> dict[str, str]:
         return {"text": str(record[cfg.text_field])}
     missing = {"instruction", "output"} - record.keys()
     if missing:
-        raise ValueError(f"{origin}: Alpaca record lacks {sorted(missing)}: {record!r:.80}")
+        raise ValueError(
+            f"{origin}: Alpaca record lacks {sorted(missing)}: {record!r:.80}; data.format=alpaca "
+            "needs instruction, output (and optional input) in every record; for plain text set "
+            "data.format=text and data.text_field"
+        )
     return {k: str(record.get(k) or "") for k in ("instruction", "input", "output")}
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+import json
+import zipfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
@@ -14,6 +17,8 @@ from linearize.config import Config
 from linearize.data import PackedData, local_files, prepare_data
 from linearize.log import get_logger, process_rank
 from linearize.models.load import (
+    check_safetensors,
+    check_teacher_files,
     describe,
     load_teacher,
     load_tokenizer,
@@ -56,7 +61,15 @@ def preflight(config: Config) -> None:
     for spec in (config.model.path, config.model.tokenizer):
         if spec:
             resolve_source(spec)
+    check_teacher_files(config.model)
     resolve_device(config.run.device)
+    if swaps_attention(config):
+        n_layers = known_layer_count(config)
+        if n_layers is not None:
+            check_layers(config, n_layers)
+    check_resume(config)
+    if config.stage == "eval" or (config.stage == "all" and "eval" in config.pipeline):
+        check_eval(config)
     if config.stage in TRAINING_STAGES and config.data.files:
         local_files(config.data, config.data_dir)
     if config.stage == "finetune" and config.finetune.start == "transfer":
@@ -90,18 +103,173 @@ def preflight(config: Config) -> None:
             )
 
 
+def swaps_attention(config: Config) -> bool:
+    """Whether the stage swaps ``config.attention`` in (the others read it from a converted dir)."""
+    fresh = config.stage == "finetune" and config.finetune.start == "swap"
+    return config.attention.kind != "softmax" and (config.stage in ("transfer", "uptrain", "all") or fresh)
+
+
+def known_layer_count(config: Config) -> Optional[int]:
+    """The teacher's layer count where it is known without loading it (random init, local dir)."""
+    model = config.model
+    if model.init == "random":
+        return model.architecture.get("num_hidden_layers")
+    source = resolve_source(model.path) if model.path else None
+    if source is not None and source.kind == "dir":
+        return json.loads((Path(source.location) / "config.json").read_text()).get("num_hidden_layers")
+    return None
+
+
+def check_layers(config: Config, n_layers: int) -> None:
+    """``attention.softmax_layers`` and ``attention.keep_softmax`` fit a teacher of ``n_layers``."""
+    a, name = config.attention, config.model.name
+    bad = [i for i in a.softmax_layers if i >= n_layers]
+    if bad:
+        raise ValueError(
+            f"attention.softmax_layers={a.softmax_layers}: {bad} out of range; model '{name}' has "
+            f"{n_layers} layers, 0..{n_layers - 1}"
+        )
+    swapped = n_layers - len(set(a.softmax_layers))
+    if swapped == 0:
+        raise ValueError(
+            f"attention.softmax_layers={a.softmax_layers} keeps all {n_layers} layers of '{name}' as "
+            "softmax: nothing is linearized; list fewer layers"
+        )
+    if a.keep_softmax >= swapped:
+        raise ValueError(
+            f"attention.keep_softmax={a.keep_softmax} would set all {swapped} swapped layers of '{name}' "
+            f"back to softmax; use at most {swapped - 1}"
+        )
+
+
+def _flat(tree: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}.{key}").items()}
+    return {prefix: tree}
+
+
+def checkpoint_roots(out_dir: Path) -> list[Path]:
+    """A stage's checkpoint dirs: its own, and blockwise transfer's per block."""
+    return [out_dir / "checkpoints", *sorted((out_dir / "blocks").glob("*/checkpoints"))]
+
+
+def check_checkpoint(root: Path) -> None:
+    """The checkpoint ``root/latest`` points at is whole (read without unpickling anything).
+
+    Raises:
+        ValueError, FileNotFoundError: naming the damaged file and the way out.
+    """
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return
+    path = root / pointer.read_text().strip()
+    fix = (f"restore it, or delete {root} (or set run.resume=false) to start this stage over; "
+           "run.resume=true never starts over silently")  # fmt: skip
+    if not (path / "train_state.json").is_file():
+        raise FileNotFoundError(f"{pointer} points to {str(path)!r}, which is missing or incomplete; {fix}")
+    try:
+        json.loads((path / "train_state.json").read_text())["step"]
+        for weights in sorted(path.glob("*.safetensors")):
+            check_safetensors(weights)
+        for archive in sorted(path.glob("*.pt")):
+            with zipfile.ZipFile(archive) as z:
+                if z.testzip() is not None:
+                    raise ValueError(f"{str(archive)!r} fails its checksum")
+    except (ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise ValueError(f"the latest checkpoint {str(path)!r} is damaged: {err}; {fix}") from None
+
+
+def check_resume(config: Config) -> None:
+    """With ``run.resume=true`` and something to resume: the run dir was made with the same model
+    (and attention, where the stage swaps it in), and its latest checkpoints are whole."""
+    if not config.run.resume or config.stage not in ("transfer", "finetune", "uptrain"):
+        return
+    run_dir = Path(config.run.dir)
+    out_dir = run_dir / config.stage
+    roots = checkpoint_roots(out_dir)
+    if not any((root / "latest").is_file() for root in roots) and not (out_dir / "hidden_cache").is_dir():
+        return
+    saved_path = run_dir / "config.yaml"
+    if saved_path.is_file():
+        saved = OmegaConf.to_container(OmegaConf.load(saved_path))
+        sections = ["model", "attention"] if swaps_attention(config) else ["model"]
+        diff = []
+        for section in sections:
+            old, new = _flat(saved.get(section, {}), section), _flat(asdict(getattr(config, section)), section)
+            keys = sorted(old.keys() | new.keys(), key=lambda k: (k.count("."), k))  # name before architecture.*
+            diff += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+        if diff:
+            more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
+            raise ValueError(
+                f"run.resume=true, but run.dir={config.run.dir} was made with another "
+                f"{' or '.join(sections)} ({saved_path}): {'; '.join(diff[:6])}{more}. Resume with the "
+                "settings in that file, or start a new run.dir"
+            )
+    for root in roots:
+        check_checkpoint(root)
+
+
+def check_eval(config: Config) -> None:
+    """Every ``eval.tasks`` name is known, and (``eval.local``) some evaluation data is on disk."""
+    from linearize.evaluate.harness import LOCAL_TASKS, missing_data
+
+    for task in config.eval.tasks:
+        if task not in LOCAL_TASKS:
+            close = difflib.get_close_matches(task, LOCAL_TASKS, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"eval.tasks: {task!r} is not one of {', '.join(LOCAL_TASKS)}.{hint}")
+    if not config.eval.local:
+        return
+    missing = {task: missing_data(task, config.data_dir) for task in config.eval.tasks}
+    wikitext = Path(config.data_dir).expanduser() / "eval" / "wikitext2" / "wiki.test.raw"
+    if config.eval.ppl_tokens != 0:
+        missing["wikitext2"] = [] if wikitext.is_file() else [wikitext]
+    if all(missing.values()):
+        first = next(iter(missing.values()))[0]
+        raise FileNotFoundError(
+            f"no evaluation data under data_dir={config.data_dir!r} (e.g. {str(first)!r} is missing): "
+            "point data_dir at the offline copies (data_dir=/path or LINEARIZE_DATA=/path), or set "
+            "eval.local=false to read the tasks from the hub"
+        )
+    for task, files in missing.items():
+        if files:
+            log.warning("eval: %s will be skipped, its local data is missing (%s)", task, files[0])
+
+
+def check_batches(config: Config, data: PackedData, world: int) -> None:
+    """The packed data give at least one optimizer step and one validation batch per process."""
+    from linearize.train.loop import plan_steps
+
+    if config.stage == "transfer" and config.transfer.mode == "blockwise":
+        world = 1  # blocks train as single processes
+    plan_steps(config.train, len(data.train), world)
+    if len(data.val) < config.train.batch_size * world:
+        raise ValueError(
+            f"{len(data.val)} validation rows are fewer than one batch per process "
+            f"(train.batch_size={config.train.batch_size} x {world}); raise data.val_fraction"
+        )
+
+
 def prepare(config: Config, cfg: DictConfig) -> Prepared:
     """Write the resolved config, tokenize the data, load the teacher (data first: it is cheaper
     and a bad data set should fail before the slow model load)."""
     run_dir = Path(config.run.dir)
     log.info("run dir %s (config: %s)", run_dir, write_resolved_config(cfg, run_dir))
     needs_data = config.stage in TRAINING_STAGES
-    tokenizer = load_tokenizer(config.model, config.cache_dir)
-    data = prepare_data(config.data, tokenizer, config.data_dir, config.run.seed) if needs_data else None
-    # accelerate picks this process's device under a multi-process launch.
-    accelerator = Accelerator(cpu=resolve_device(config.run.device).type == "cpu")
-    device = accelerator.device
-    teacher = load_teacher(config.model, cache_dir=config.cache_dir, device=device, seed=config.run.seed)
+    try:
+        tokenizer = load_tokenizer(config.model, config.cache_dir)
+        data = prepare_data(config.data, tokenizer, config.data_dir, config.run.seed) if needs_data else None
+        # accelerate picks this process's device under a multi-process launch.
+        accelerator = Accelerator(cpu=resolve_device(config.run.device).type == "cpu")
+        if data is not None:
+            check_batches(config, data, accelerator.num_processes)
+        device = accelerator.device
+        teacher = load_teacher(config.model, cache_dir=config.cache_dir, device=device, seed=config.run.seed)
+        if swaps_attention(config):
+            check_layers(config, teacher.config.num_hidden_layers)
+    except (ValueError, OSError) as err:
+        err.bad_input = True  # a bad data set, tokenizer or teacher: __main__ shows the message only
+        raise
     log.info("teacher '%s' on %s: %s", config.model.name, device, describe(teacher))
     return Prepared(config, run_dir, tokenizer, teacher, data, accelerator)
 
@@ -157,8 +325,12 @@ def run_all(config: Config, cfg: DictConfig) -> None:
             log.info("stage=all: %s already done (%s), skipping", stage, run_dir / stage)
             continue
         sub = compose(config_name="config", overrides=[*overrides, f"stage={stage}", "run.resume=true", f"run.dir={run_dir}"])
-        sub_config = validate(sub)
-        preflight(sub_config)
+        try:
+            sub_config = validate(sub)
+            preflight(sub_config)
+        except (ValueError, OSError) as err:
+            err.bad_input = True  # as in prepare: __main__ shows the message only
+            raise
         log.info("stage=all: running %s", stage)
         prepared = prepare(sub_config, sub)
         STAGE_RUNNERS[stage](prepared)

@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from linearize.config import ModelConfig
+from linearize.config import FAMILIES, ModelConfig
 from linearize.log import get_logger
 
 log = get_logger(__name__)
 
 PKG_SCHEME = "pkg://"
+GGUF_MAGIC = b"GGUF"
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -75,6 +77,77 @@ def resolve_source(spec: str) -> Source:
     return Source("hub", spec)
 
 
+def check_safetensors(path: Path) -> None:
+    """Check that a safetensors file is whole: its header parses and the tensors it describes
+    end exactly at the end of the file. Reads the header only.
+
+    Raises:
+        ValueError: naming the file, for a truncated or corrupt one.
+    """
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"its header claims {n} bytes but the file has {size}")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            raise ValueError(f"it has {size} bytes but its header describes {8 + n + end}")
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:  # garbage parses in many ways
+        raise ValueError(f"{str(path)!r} is not a whole safetensors file ({err}): it is truncated or corrupt") from None
+
+
+def check_teacher_files(cfg: ModelConfig) -> None:
+    """Checks of a local teacher that need no model load: a ``.gguf`` file starts with the GGUF
+    magic; a directory has a ``config.json`` of a supported family (``model.family``) and whole
+    safetensors weights (never pickle files: unpickling can run code).
+
+    Raises:
+        ValueError, FileNotFoundError: naming the file or value and the fix.
+    """
+    if cfg.init != "pretrained" or not cfg.path:
+        return
+    source = resolve_source(cfg.path)
+    path = Path(source.location)
+    if source.kind == "gguf":
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head != GGUF_MAGIC:
+            raise ValueError(
+                f"model.path={cfg.path!r}: {str(path)!r} is not a GGUF file (it starts with {head!r}, "
+                f"not {GGUF_MAGIC!r}); download it again"
+            )
+        return
+    if source.kind != "dir":
+        return
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except ValueError as err:
+        raise ValueError(f"{str(path / 'config.json')!r} is not valid JSON ({err}); download the model again") from None
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"model.path={cfg.path!r} is a {model_type!r} model; linearize swaps attention in "
+            f"{', '.join(FAMILIES)} models (add a row to FAMILY_TABLE in linearize/models/swap.py for "
+            "a family with the same q/k/v/o + rotary layout)"
+        )
+    if model_type != cfg.family:
+        raise ValueError(f"model.family={cfg.family!r} but {cfg.path!r} is a {model_type!r} model; set model.family={model_type}")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+        if pickled:
+            raise ValueError(
+                f"{cfg.path!r} holds weights only as pickle files ({', '.join(pickled[:3])}); linearize "
+                "reads weights only from safetensors or GGUF, since unpickling a file can run code. "
+                "Convert them once where you trust the file: AutoModelForCausalLM.from_pretrained(dir)"
+                ".save_pretrained(new_dir), then set model.path=new_dir"
+            )
+        raise FileNotFoundError(f"{cfg.path!r} has a config.json but no *.safetensors weights")
+    for weight in weights:
+        check_safetensors(weight)
+
+
 def file_sha256(path: Path, prefix: int = 16) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -90,10 +163,16 @@ def cached_gguf_dir(gguf: Path, cache_dir: str | Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting %s to a safetensors cache at %s (once)", gguf, target)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as err:  # the GGUF reader fails on a bad file in many ways
+        raise ValueError(
+            f"could not read GGUF file {str(gguf)!r} ({type(err).__name__}: {err}); it is truncated "
+            "or corrupt, or of an architecture transformers cannot read: download it again"
+        ) from err
     # The weights are dequantized already; drop the GGUF marker that forbids saving them.
     model.hf_quantizer = None
     model.is_quantized = False
@@ -184,8 +263,8 @@ def load_teacher(
         assert cfg.path is not None
         location, source = _hf_location(cfg.path, cache_dir)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                location, revision=cfg.revision, dtype=dtype, attn_implementation="sdpa"
+            model = AutoModelForCausalLM.from_pretrained(  # never pickle: see check_teacher_files
+                location, revision=cfg.revision, dtype=dtype, attn_implementation="sdpa", use_safetensors=True
             )
         except OSError as err:
             if source.kind == "hub":

@@ -70,7 +70,7 @@ def _teacher_location(path: str) -> tuple[str, dict]:
         path = os.path.join(list(spec.submodule_search_locations)[0], relative)
     if path.endswith(".gguf"):
         return os.path.dirname(path), {"gguf_file": os.path.basename(path)}
-    return path, {}
+    return path, {"use_safetensors": True}  # never unpickle a teacher's weights
 
 
 class LinearizedForCausalLM:

@@ -174,13 +174,17 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total: in
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # NumPy's key array as a tensor, so that the file loads with torch.load(weights_only=True).
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss)
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 def write_dir_atomically(target: Path, write) -> None:
@@ -220,27 +224,51 @@ def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: TrainStat
     pointer = ckpt_root / ".latest.tmp"
     pointer.write_text(name)
     os.replace(pointer, ckpt_root / "latest")  # switched only once the checkpoint is whole
-    for old in ckpt_root.glob("step-*"):
+    # Older checkpoints, and half-written ones a killed process left behind (one writer: rank 0).
+    for old in [*ckpt_root.glob("step-*"), *ckpt_root.glob(".step-*.tmp-*"), *ckpt_root.glob(".step-*.old")]:
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return ckpt_root / name
 
 
 def latest_checkpoint(out_dir: Path) -> Optional[Path]:
+    """The checkpoint ``latest`` names; ``None`` when there is none yet.
+
+    Raises:
+        FileNotFoundError: when ``latest`` names a checkpoint that is not there (never start over
+            silently).
+    """
     pointer = out_dir / "checkpoints" / "latest"
     if not pointer.is_file():
         return None
     path = out_dir / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "train_state.json").is_file() else None
+    if not (path / "train_state.json").is_file():
+        raise FileNotFoundError(
+            f"{pointer} names {str(path)!r}, which is missing or incomplete; restore it, or delete "
+            f"{pointer.parent} (or set run.resume=false) to start over"
+        )
+    return path
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    load_trainable_state(model, load_file(path / "trainable.safetensors"))
-    extra = torch.load(path / "training_state.pt", weights_only=False)
+    """Restore a checkpoint; nothing in it is unpickled beyond tensors and plain containers."""
+    name = path / "trainable.safetensors"
+    try:
+        tensors = load_file(name)
+        name = path / "training_state.pt"
+        extra = torch.load(name, weights_only=True)
+        name = path / "train_state.json"
+        state = TrainState(**json.loads(name.read_text()))
+    except Exception as err:  # safetensors, torch and json each fail in their own way
+        raise ValueError(
+            f"checkpoint file {str(name)!r} is damaged ({type(err).__name__}: {err}); restore it, or "
+            f"delete {path.parent} (or set run.resume=false) to start over"
+        ) from err
+    load_trainable_state(model, tensors)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     _set_rng_state(extra["rng"])
-    return TrainState(**json.loads((path / "train_state.json").read_text()))
+    return state
 
 
 def train(
@@ -294,14 +322,17 @@ def train(
             index = state.step * cfg.grad_accum + micro
             inputs, labels = micro_batch(train_split, seed, index, cfg.batch_size, rank, world)
             inputs, labels = inputs.to(accelerator.device), labels.to(accelerator.device)
-            if in_pieces:  # the model is not prepared, so mixed precision is applied here
-                with accelerator.autocast():
-                    loss, parts = objective.loss_and_backward(wrapped, inputs, labels, backward)
-            else:
-                sync = micro == cfg.grad_accum - 1
-                with nullcontext() if sync else accelerator.no_sync(wrapped):
-                    loss, parts = objective.loss(wrapped, inputs, labels)
-                    backward(loss)
+            try:
+                if in_pieces:  # the model is not prepared, so mixed precision is applied here
+                    with accelerator.autocast():
+                        loss, parts = objective.loss_and_backward(wrapped, inputs, labels, backward)
+                else:
+                    sync = micro == cfg.grad_accum - 1
+                    with nullcontext() if sync else accelerator.no_sync(wrapped):
+                        loss, parts = objective.loss(wrapped, inputs, labels)
+                        backward(loss)
+            except FloatingPointError as err:  # an objective that names the layer
+                raise FloatingPointError(f"step {state.step + 1}: {err}") from None
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(
                     f"loss is {loss.item()} at step {state.step + 1}; the last checkpoint is intact. "

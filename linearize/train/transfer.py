@@ -15,6 +15,7 @@ objective, fed cached teacher hidden states instead of token ids.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
@@ -87,8 +88,15 @@ class TransferObjective:
         return {i: t["mse"] for i, t in self.layer_terms(model, inputs).items()}
 
     def _combine(self, terms: dict[int, dict[str, Tensor]]) -> tuple[Tensor, dict[str, float]]:
-        mse = torch.stack([t["mse"] for t in terms.values()]).mean()
+        per_layer = torch.stack([t["mse"] for t in terms.values()])
+        mse = per_layer.mean()
         loss, parts = self.mse_weight * mse, {"mse": mse.item()}
+        if not math.isfinite(parts["mse"]):
+            bad = [i for i, v in zip(terms, per_layer.tolist()) if not math.isfinite(v)]
+            raise FloatingPointError(
+                f"the transfer MSE of layer(s) {bad} is not finite; the last checkpoint is intact. "
+                "Lower train.lr or check the data."
+            )
         if self.xent_weight:
             xent = torch.stack([t["xent"] for t in terms.values()]).mean()
             loss = loss + self.xent_weight * xent

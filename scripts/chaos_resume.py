@@ -1,0 +1,456 @@
+"""Crash-anywhere resume: SIGKILL real training runs at random moments, resume, compare weights.
+
+For each stage, one uninterrupted run of ``python -m linearize`` on tiny-llama gives the
+reference weights. Each trial then starts the same command in a fresh run dir, kills it with
+SIGKILL (at a random delay between the process start and the reference run's duration, or the
+moment a checkpoint temp dir appears under the run dir, or, for ``blockwise``, while a shard of
+the hidden-state cache is being written), sometimes kills the first resume too, resumes with
+``run.resume=true`` until the run finishes, and compares the stage's output weights (every
+``*.safetensors`` of the stage dir outside ``checkpoints/``) with the reference bit for bit.
+
+A trial is *lost* when a resume fails, when ``latest`` points at a torn checkpoint, when a run
+that had a whole checkpoint does not resume from it, or (``blockwise``) when a finished cache
+shard is recomputed or a torn one is kept.
+
+    .venv/bin/python scripts/chaos_resume.py --trials 10 --seed 0
+    .venv/bin/python scripts/chaos_resume.py --stages blockwise --trials 3
+
+Prints one line per trial (with its seed: ``--replay STAGE:TRIAL:SEED`` reruns that trial alone) and,
+per stage, a final line ``N trials, E exact, L lost``. Exits 1 on any mismatch or loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("transfer", "finetune", "blockwise")
+STEPS, EVAL_EVERY = 8, 2
+# A shard's temp files: safetensors' own (>= 0.7 writes ``.tmpXXXXXX`` and renames it) and
+# blockwise's ``.shard-N.safetensors.tmp-PID``.
+SHARD_TEMP = r"\.tmp\w+|\.shard-\d+\.safetensors\.tmp-\d+"
+
+
+def default_data_dir() -> Path:
+    for candidate in (os.environ.get("LINEARIZE_DATA"), ROOT / "data", ROOT.parent / "shared" / "data"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    raise SystemExit("no offline data: pass --data-dir or set LINEARIZE_DATA")
+
+
+def stage_dir(stage: str) -> str:
+    """The directory under run.dir a stage writes (blockwise is stage 1 in another mode)."""
+    return "finetune" if stage == "finetune" else "transfer"
+
+
+def stage_args(stage: str, run_dir: Path, data_dir: Path) -> list[str]:
+    """The command-line overrides of one small CPU run of ``stage``."""
+    examples = 30 if stage == "blockwise" else 60  # caching the teacher's states dominates blockwise
+    args = [
+        f"stage={stage_dir(stage)}", "model=tiny-llama", "attention=lolcats", "attention.window=8",
+        f"data.max_examples={examples}", "data.seq_len=64", "train.batch_size=1", "train.grad_accum=1",
+        f"train.max_steps={STEPS}", f"train.eval_every={EVAL_EVERY}", "train.eval_batches=2",
+        f"run.dir={run_dir}", f"data_dir={data_dir}",
+    ]  # fmt: skip
+    if stage == "blockwise":
+        args += ["transfer.mode=blockwise", "transfer.block_size=1", "transfer.shard_rows=16"]
+    return args
+
+
+def command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "linearize", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_to_end(args: list[str], log: Path) -> tuple[int, float, str]:
+    """Run to completion; returns (exit code, seconds, output)."""
+    start = time.monotonic()
+    out = subprocess.run(command(args), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    text = out.stdout + out.stderr
+    log.write_text(text)
+    return out.returncode, time.monotonic() - start, text
+
+
+def temp_entries(dirs: Callable[[], list[Path]], pattern: str) -> set[str]:
+    """Names matching ``pattern`` in the directories ``dirs()`` lists (missing ones skipped)."""
+    found = set()
+    for d in dirs():
+        try:
+            with os.scandir(d) as it:
+                found.update(f"{d}/{e.name}" for e in it if re.fullmatch(pattern, e.name))
+        except FileNotFoundError:
+            pass
+    return found
+
+
+@dataclass
+class Kill:
+    """When to kill: after ``delay`` seconds, or at the ``nth`` new temp entry in ``watch``
+    (matching ``pattern``); with ``done`` too, at the latest once ``nth`` entries matching
+    ``done`` exist (a write too quick for the poll to see its temp file)."""
+
+    delay: Optional[float] = None
+    nth: Optional[int] = None
+    watch: Optional[Callable[[], list[Path]]] = None
+    pattern: str = ""
+    done: str = ""
+
+    def describe(self) -> str:
+        if self.delay is not None:
+            return f"random kill (drawn {self.delay:.2f}s)"
+        return f"kill as {'cache shard' if self.done else 'checkpoint'} write #{self.nth} starts"
+
+
+class Inotify:
+    """Linux inotify through libc: names created in watched dirs, microseconds after the fact
+    (a shard write lasts about a millisecond, too short to catch by listing the dir)."""
+
+    IN_CREATE, IN_MOVED_TO = 0x100, 0x80
+
+    def __init__(self):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_NONBLOCK)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+        self.watched: dict[int, Path] = {}
+
+    def watch(self, path: Path) -> None:
+        if path not in self.watched.values() and path.is_dir():
+            wd = self.libc.inotify_add_watch(self.fd, str(path).encode(), self.IN_CREATE | self.IN_MOVED_TO)
+            if wd >= 0:
+                self.watched[wd] = path
+
+    def created(self, timeout: float) -> list[str]:
+        """Paths created since the last call, waiting up to ``timeout`` seconds for one."""
+        if not select.select([self.fd], [], [], timeout)[0]:
+            return []
+        buf, out, i = os.read(self.fd, 1 << 16), [], 0
+        while i < len(buf):
+            wd, _, _, size = struct.unpack_from("iIII", buf, i)
+            name = buf[i + 16 : i + 16 + size].rstrip(b"\0").decode()
+            out.append(f"{self.watched.get(wd, '?')}/{name}")
+            i += 16 + size
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def run_and_kill(args: list[str], kill: Kill, log: Path) -> tuple[bool, str]:
+    """Start the run and SIGKILL it as ``kill`` says; returns (killed, what was seen)."""
+    proc = subprocess.Popen(command(args), cwd=ROOT, env=_env(), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    start, seen, hit, done = time.monotonic(), set(), "", 0
+    notify = Inotify() if kill.watch is not None else None
+    try:
+        while proc.poll() is None:
+            if kill.delay is not None:
+                if time.monotonic() - start >= kill.delay:
+                    hit = f"killed at {time.monotonic() - start:.2f}s"
+                    break
+                time.sleep(0.01)
+                continue
+            for d in kill.watch():
+                if d not in notify.watched.values() and d.is_dir():
+                    notify.watch(d)
+                    done += len(temp_entries(lambda: [d], kill.done)) if kill.done else 0
+            for path in notify.created(0.002):  # in the order the files appeared
+                name = Path(path).name
+                if kill.done and re.fullmatch(kill.done, name):
+                    done += 1
+                elif re.fullmatch(kill.pattern, name) and path not in seen:
+                    seen.add(path)
+                    # With ``done``, the nth write is the one that starts while nth - 1 are done.
+                    if (done == kill.nth - 1) if kill.done else len(seen) >= kill.nth:
+                        os.killpg(proc.pid, signal.SIGKILL)  # at once: the write is under way
+                        hit = f"killed at {time.monotonic() - start:.2f}s as {name} was created"
+                        break
+            if not kill.done and not hit:  # a dir made with its parent is seen by listing only
+                seen |= temp_entries(kill.watch, kill.pattern)
+                if len(seen) >= kill.nth:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    hit = f"killed at {time.monotonic() - start:.2f}s as temp dir #{kill.nth} was listed"
+            if hit:
+                break
+            if kill.done and done >= kill.nth:
+                hit = f"killed at {time.monotonic() - start:.2f}s after write #{kill.nth} (its temp file missed)"
+                break
+    finally:
+        if notify is not None:
+            notify.close()
+    if not hit:
+        return False, f"not killed, finished (rc {proc.wait()}) first"
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the run's own process group, started above
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    return True, hit
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """Every ``checkpoints`` dir of a stage: the stage's own, and blockwise's per block."""
+    return [out_dir / "checkpoints", *sorted((out_dir / "blocks").glob("*/checkpoints"))]
+
+
+def latest_state(ckpt_root: Path) -> tuple[Optional[int], str]:
+    """The step ``latest`` points at if that checkpoint is whole; (None, why) otherwise.
+
+    Whole means: the pointed-at dir has ``train_state.json`` (parses), ``trainable.safetensors``
+    (every tensor reads) and ``training_state.pt`` (a zip archive whose CRCs check; it is not
+    unpickled).
+    """
+    from safetensors import safe_open
+
+    pointer = ckpt_root / "latest"
+    if not pointer.is_file():
+        return None, "no latest"
+    path = ckpt_root / pointer.read_text().strip()
+    try:
+        step = json.loads((path / "train_state.json").read_text())["step"]
+        with safe_open(str(path / "trainable.safetensors"), "pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+        with zipfile.ZipFile(path / "training_state.pt") as z:
+            bad = z.testzip()
+        if bad:
+            raise ValueError(f"bad member {bad}")
+    except Exception as err:  # anything unreadable is a torn checkpoint
+        return None, f"TORN {path.name}: {type(err).__name__}: {err}"
+    return step, path.name
+
+
+def output_weights(out_dir: Path) -> dict[str, bytes]:
+    """The bytes of every weight file a stage leaves (not its checkpoints)."""
+    files = [p for p in out_dir.rglob("*.safetensors") if "checkpoints" not in p.parts and "hidden_cache" not in p.parts]
+    return {str(p.relative_to(out_dir)): p.read_bytes() for p in sorted(files)}
+
+
+def shard_bytes(out_dir: Path) -> dict[str, bytes]:
+    cache = out_dir / "hidden_cache"
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.glob("*/shard-*.safetensors"))}
+
+
+def shard_stamps(out_dir: Path) -> dict[str, int]:
+    cache = out_dir / "hidden_cache"
+    return {str(p.relative_to(cache)): p.stat().st_mtime_ns for p in sorted(cache.glob("*/shard-*.safetensors"))}
+
+
+@dataclass
+class Reference:
+    run_dir: Path
+    seconds: float
+    weights: dict[str, bytes]
+    shards: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    exact: bool
+    lost: bool
+    line: str
+
+
+def reference_run(stage: str, work: Path, data_dir: Path) -> Reference:
+    run_dir = work / f"ref-{stage}"
+    if stage == "finetune":
+        seed_transfer(run_dir, work / "ref-transfer")
+    rc, seconds, text = run_to_end(stage_args(stage, run_dir, data_dir), work / f"ref-{stage}.log")
+    if rc != 0:
+        raise SystemExit(f"the uninterrupted {stage} run failed (rc {rc}):\n{text[-3000:]}")
+    out = run_dir / stage_dir(stage)
+    return Reference(run_dir, seconds, output_weights(out), shard_bytes(out) if stage == "blockwise" else {})
+
+
+def seed_transfer(run_dir: Path, transfer_ref: Path) -> None:
+    """Stage 2 starts from stage 1's output: copy the reference transfer dir into ``run_dir``."""
+    src = transfer_ref / "transfer"
+    if not (src / "linearize.json").is_file():
+        raise SystemExit(f"{src} holds no finished stage-1 run; run the transfer reference first")
+    shutil.copytree(src, run_dir / "transfer", ignore=shutil.ignore_patterns("checkpoints"))
+
+
+def plan_kills(stage: str, index: int, rng: random.Random, ref: Reference, out_dir: Path, max_kills: int) -> list[Kill]:
+    """The kills of one trial. The first: as a checkpoint write starts in trials 1, 4, 7, …, as
+    a cache shard write starts in ``blockwise``'s odd trials, else at a random delay. Later ones
+    (the resumes killed again): at a random delay."""
+    if stage == "blockwise" and index % 2 == 1:
+        shards = len([k for k in ref.shards if k.startswith("train/")])
+        first = Kill(nth=rng.randint(1, shards), watch=lambda: [out_dir / "hidden_cache" / "train"],
+                     pattern=SHARD_TEMP, done=r"shard-\d+\.safetensors")  # fmt: skip
+    elif index % 3 == 1:
+        first = Kill(nth=rng.randint(1, STEPS // EVAL_EVERY), watch=lambda: checkpoint_dirs(out_dir),
+                     pattern=r"\.step-\d+\.tmp-.*")  # fmt: skip
+    else:
+        first = Kill(delay=rng.uniform(0.0, ref.seconds))
+    more = [Kill(delay=rng.uniform(0.0, ref.seconds)) for _ in range(rng.randint(1, max_kills) - 1)]
+    return [first, *more]
+
+
+def run_trial(stage: str, index: int, seed: int, ref: Reference, work: Path, data_dir: Path,
+              max_kills: int) -> Outcome:  # fmt: skip
+    rng = random.Random(seed)
+    run_dir = work / f"{stage}-{index:02d}-{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if stage == "finetune":
+        seed_transfer(run_dir, work / "ref-transfer")
+    out_dir = run_dir / stage_dir(stage)
+    args = stage_args(stage, run_dir, data_dir)
+    notes, lost = [], []
+    attempt = 0
+    for kill in plan_kills(stage, index, rng, ref, out_dir, max_kills):
+        run_args = args if attempt == 0 else [*args, "run.resume=true"]
+        before = shard_stamps(out_dir) if stage == "blockwise" and attempt else {}
+        began = time.monotonic()
+        killed, seen = run_and_kill(run_args, kill, work / f"{run_dir.name}.{attempt}.log")
+        notes.append(f"{kill.describe()}: {seen}")
+        if not killed:
+            if not seen.startswith("not killed, finished (rc 0)"):
+                lost.append(f"run failed: see {work / f'{run_dir.name}.{attempt}.log'}")
+            if attempt == 0:  # a whole run took this long: later delays are drawn below it
+                ref.seconds = min(ref.seconds, time.monotonic() - began)
+            break
+        attempt += 1
+        for root in checkpoint_dirs(out_dir):
+            step, what = latest_state(root)
+            if what.startswith("TORN"):
+                lost.append(what)
+            if step is not None and root == out_dir / "checkpoints":
+                notes.append(f"latest {what}")
+        left = temp_entries(lambda: checkpoint_dirs(out_dir), r"\.step-\d+\.tmp-.*")
+        if left:
+            notes.append(f"{len(left)} checkpoint temp dir(s) left")
+        if stage == "blockwise":
+            torn = [n for n in shard_stamps(out_dir) if not _reads(out_dir / "hidden_cache" / n)]
+            if torn:
+                lost.append(f"torn shards kept: {torn}")
+            left = temp_entries(lambda: [out_dir / "hidden_cache" / "train", out_dir / "hidden_cache" / "val"], SHARD_TEMP)
+            notes.append(f"{len(shard_stamps(out_dir))} whole shards, {len(left)} temp files left")
+            _check_shards_kept(before, shard_stamps(out_dir), lost)
+    # Resume to the end (once; the planned kills above may have killed resumes already).
+    expect, _ = latest_state(out_dir / "checkpoints")
+    before = shard_stamps(out_dir)
+    rc, _, text = run_to_end([*args, "run.resume=true"], work / f"{run_dir.name}.final.log")
+    if rc != 0:
+        lost.append(f"resume failed (rc {rc}): {text.strip().splitlines()[-1] if text.strip() else ''}")
+    elif expect is not None and stage != "blockwise":
+        m = re.search(r"resumed from \S+ at step (\d+)", text)
+        if not m or int(m.group(1)) != expect:
+            lost.append(f"latest was step {expect} but the resume {'started at ' + m.group(1) if m else 'started fresh'}")
+    if stage == "blockwise":
+        if _check_shards_kept(before, shard_stamps(out_dir), lost):
+            notes.append(f"resume left the {len(before)} finished shards untouched")
+        if rc == 0 and shard_bytes(out_dir) != ref.shards:
+            lost.append("cache shards differ from the reference run's")
+    exact = rc == 0 and output_weights(out_dir) == ref.weights
+    if rc == 0 and not exact:
+        notes.append("MISMATCH in " + ", ".join(_differing(output_weights(out_dir), ref.weights)))
+    verdict = "LOST" if lost else ("exact" if exact else "MISMATCH")
+    line = f"{stage} trial {index} seed={seed}: " + "; ".join(notes + lost) + f" -> {verdict}"
+    return Outcome(exact=exact and not lost, lost=bool(lost), line=line)
+
+
+def _reads(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+        return True
+    except Exception:  # a torn file fails in many ways
+        return False
+
+
+def _check_shards_kept(before: dict[str, int], after: dict[str, int], lost: list[str]) -> bool:
+    """Shards finished before a run must be neither rewritten nor removed by it."""
+    changed = [n for n, t in before.items() if after.get(n) != t]
+    if changed:
+        lost.append(f"finished shards recomputed or removed: {changed[:3]}")
+    return not changed
+
+
+def _differing(got: dict[str, bytes], want: dict[str, bytes]) -> list[str]:
+    return sorted(n for n in got.keys() | want.keys() if got.get(n) != want.get(n))
+
+
+def run_stage(stage: str, trials: int, seed: int, work: Path, data_dir: Path, max_kills: int = 2,
+              only: Optional[tuple[int, int]] = None, blockwise_trials: int = 4) -> tuple[int, int, int]:  # fmt: skip
+    """All trials of one stage; returns (trials, exact, lost)."""
+    ref = reference_run(stage, work, data_dir)
+    print(f"== {stage}: reference run {ref.seconds:.1f}s, {len(ref.weights)} weight files", flush=True)
+    rng = random.Random(f"{seed}-{stage}")
+    seeds = [only] if only is not None else list(enumerate(rng.randrange(2**31) for _ in range(trials)))
+    if stage == "blockwise" and only is None:
+        seeds = seeds[:blockwise_trials]
+    exact = lost = 0
+    for i, trial_seed in seeds:
+        outcome = run_trial(stage, i, trial_seed, ref, work, data_dir, max_kills)
+        print(outcome.line, flush=True)
+        exact += outcome.exact
+        lost += outcome.lost
+    return len(seeds), exact, lost
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=10, help="trials per stage")
+    parser.add_argument("--seed", type=int, default=0, help="draws every trial's seed")
+    parser.add_argument("--stages", default="transfer,finetune,blockwise", help=f"comma-separated, of {','.join(STAGES)}")
+    parser.add_argument("--max-kills", type=int, default=2, help="kills per trial are drawn from 1..this")
+    parser.add_argument("--blockwise-trials", type=int, default=4, help="at most this many blockwise trials")
+    parser.add_argument("--replay", help="STAGE:TRIAL:SEED: rerun one trial as a trial line printed it")
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--work", type=Path, default=None, help="where run dirs go (default: a temp dir, removed)")
+    opts = parser.parse_args(argv)
+    replay_stage, replay_index, replay_seed = (opts.replay or "::").split(":")
+    stages = [replay_stage] if opts.replay else opts.stages.split(",")
+    for stage in stages:
+        if stage not in STAGES:
+            parser.error(f"{stage!r} is not one of {', '.join(STAGES)}")
+    data_dir = opts.data_dir or default_data_dir()
+    work = opts.work or Path(tempfile.mkdtemp(prefix="chaos-"))
+    work.mkdir(parents=True, exist_ok=True)
+    summary, failed = [], False
+    start = time.monotonic()
+    try:
+        if "finetune" in stages and "transfer" not in stages:
+            reference_run("transfer", work, data_dir)  # stage 2 starts from stage 1's output
+        for stage in stages:
+            only = (int(replay_index), int(replay_seed)) if opts.replay else None
+            total, exact, lost = run_stage(stage, opts.trials, opts.seed, work, data_dir, opts.max_kills, only,
+                                            opts.blockwise_trials)
+            summary.append((stage, total, exact, lost))
+            failed |= exact != total or lost > 0
+    finally:
+        if opts.work is None and not failed:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"({time.monotonic() - start:.0f}s; run dirs {'kept in ' + str(work) if failed or opts.work else 'removed'})")
+    for stage, total, exact, lost in summary:
+        print(f"== {stage}")
+        print(f"{total} trials, {exact} exact, {lost} lost")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
