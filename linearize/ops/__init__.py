@@ -1,11 +1,18 @@
 """The attention math. Only this module chooses an implementation.
 
 Layout everywhere: (B, H, T, D), k/v/gates may carry fewer (KV) heads (see ``reference``).
-``backend``: ``auto`` picks Triton on CUDA once it exists and the PyTorch reference otherwise;
-``reference`` forces PyTorch; ``triton`` where Triton cannot run is an error, never a fallback.
+``backend``: ``auto`` picks the Triton kernels (``ops/triton``) for CUDA tensors when Triton
+imports, and the PyTorch reference otherwise (saying why once on a GPU); ``reference`` forces
+PyTorch; ``triton`` runs the kernels on CUDA, or on CPU in Triton's interpreter when
+TRITON_INTERPRET=1 (how CI tests them), and anywhere else is an error, never a fallback.
+Triton is imported on first use, so this module imports on machines without it.
 """
 
 from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +32,8 @@ from linearize.ops.reference import (  # attention weights: dense T x T, for los
 )
 
 __all__ = [
-    "BACKENDS", "GatedState", "LinearState", "WindowState", "gated_attn", "gated_attn_step",
-    "linear_attn", "linear_attn_step", "linear_attn_weights", "resolve_backend", "softmax_attn",
+    "BACKENDS", "BackendUnavailableError", "GatedState", "LinearState", "WindowState", "gated_attn",
+    "gated_attn_step", "linear_attn", "linear_attn_step", "linear_attn_weights", "resolve_backend", "softmax_attn",
     "softmax_weights", "window_attn", "window_attn_step", "window_attn_weights",
 ]  # fmt: skip
 
@@ -34,19 +41,66 @@ log = get_logger(__name__)
 _said_why: set[str] = set()
 
 
+class BackendUnavailableError(NotImplementedError):
+    """``attention.backend=triton`` where the Triton kernels cannot run."""
+
+
+def _kernels() -> ModuleType:
+    return importlib.import_module("linearize.ops.triton")
+
+
+def _triton_unavailable(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` here; None when they can."""
+    if device.type not in ("cuda", "cpu"):
+        return f"the tensors are on {device.type}; the Triton kernels run on CUDA (or CPU, interpreted)"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cpu" and not interpret:
+        return (
+            "the tensors are on the CPU and TRITON_INTERPRET is not 1 (Triton runs on the CPU only "
+            "in its interpreter: set TRITON_INTERPRET=1 before the first use, for tests; it is slow)"
+        )
+    try:
+        kernels = _kernels()
+    except ImportError as e:  # no triton (e.g. macOS), or a Triton too old for the kernels
+        return f"Triton cannot be imported ({e}); install it with `pip install triton` (Linux)"
+    return kernels.interpreter_problem() if device.type == "cpu" else None
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The implementation that will run; logs once why Triton is not used on a GPU."""
+    """The implementation that will run, ``reference`` or ``triton``.
+
+    Raises BackendUnavailableError for ``triton`` where the kernels cannot run; ``auto`` then
+    takes the reference and, on a GPU, logs once why.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "reference":
+        return "reference"
+    if backend == "auto" and device.type != "cuda":
+        return "reference"
+    why = _triton_unavailable(device)
+    if why is None:
+        return "triton"
     if backend == "triton":
-        raise NotImplementedError(
-            "attention.backend=triton: the Triton kernels are not built yet; "
-            "use attention.backend=reference (or auto)"
+        raise BackendUnavailableError(
+            f"attention.backend=triton cannot run here: {why}. Use attention.backend=reference "
+            "(or auto, which takes Triton on CUDA when it can)"
         )
-    if backend == "auto" and device.type == "cuda" and "cuda" not in _said_why:
-        _said_why.add("cuda")
-        log.warning("Triton kernels are not built yet; the PyTorch reference runs on CUDA")
+    if why not in _said_why:
+        _said_why.add(why)
+        log.warning("attention.backend=auto runs the PyTorch reference on %s: %s", device, why)
     return "reference"
+
+
+def _impl(backend: str, device: torch.device) -> ModuleType:
+    return _kernels() if resolve_backend(backend, device) == "triton" else reference
+
+
+def _step_impl(backend: str, device: torch.device, *xs) -> ModuleType:
+    """As `_impl`, but ``auto`` keeps a step that needs a graph on the (differentiable)
+    reference: the Triton steps are forward-only (decoding), ``triton`` there is an error."""
+    wants_grad = torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in xs)
+    return reference if backend == "auto" and wants_grad else _impl(backend, device)
 
 
 def linear_attn(
@@ -58,8 +112,7 @@ def linear_attn(
 
     With ``initial_state`` it continues a sequence; ``output_final_state`` also returns the state.
     """
-    resolve_backend(backend, q.device)
-    return reference.linear_attn_chunked(
+    return _impl(backend, q.device).linear_attn_chunked(
         q, k, v, chunk_size=chunk_size, normalize=normalize, eps=eps,
         initial_state=initial_state, output_final_state=output_final_state,
     )  # fmt: skip
@@ -70,8 +123,8 @@ def linear_attn_step(
     eps: float = 1e-6, backend: str = "auto",
 ) -> tuple[Tensor, LinearState]:  # fmt: skip
     """One decoding step of ``linear_attn``: q (B,H,1,F), k (B,H_kv,1,F), v (B,H_kv,1,D)."""
-    resolve_backend(backend, q.device)
-    return reference.linear_attn_step(q, k, v, state, normalize=normalize, eps=eps)
+    impl = _step_impl(backend, q.device, q, k, v, *(state or ()))
+    return impl.linear_attn_step(q, k, v, state, normalize=normalize, eps=eps)
 
 
 def window_attn(
@@ -80,8 +133,7 @@ def window_attn(
     backend: str = "auto", initial_state: WindowState | None = None, output_final_state: bool = False,
 ) -> Tensor | tuple[Tensor, WindowState]:  # fmt: skip
     """LoLCATs hybrid: softmax over the last ``window`` keys, linear beyond; see ``reference``."""
-    resolve_backend(backend, q.device)
-    return reference.window_attn_chunked(
+    return _impl(backend, q.device).window_attn_chunked(
         q, k, v, fq, fk, window=window, window_factor=window_factor, scale=scale,
         chunk_size=chunk_size, eps=eps, initial_state=initial_state,
         output_final_state=output_final_state,
@@ -93,8 +145,8 @@ def window_attn_step(
     window: int, window_factor: Tensor, scale: float, eps: float = 1e-6, backend: str = "auto",
 ) -> tuple[Tensor, WindowState]:  # fmt: skip
     """One decoding step of ``window_attn`` (one token in q, k, v, fq, fk)."""
-    resolve_backend(backend, q.device)
-    return reference.window_attn_step(
+    impl = _step_impl(backend, q.device, q, k, v, fq, fk, window_factor, *(state or ()))
+    return impl.window_attn_step(
         q, k, v, fq, fk, state, window=window, window_factor=window_factor, scale=scale, eps=eps
     )
 
@@ -104,8 +156,7 @@ def gated_attn(
     backend: str = "auto", initial_state: GatedState | None = None, output_final_state: bool = False,
 ) -> Tensor | tuple[Tensor, GatedState]:  # fmt: skip
     """Gated linear attention (GLA): S_t = diag(exp g_t) S_{t-1} + k_tᵀ v_t, y_t = scale q_t S_t."""
-    resolve_backend(backend, q.device)
-    return reference.gated_attn_chunked(
+    return _impl(backend, q.device).gated_attn_chunked(
         q, k, v, g, scale=scale, chunk_size=chunk_size, initial_state=initial_state,
         output_final_state=output_final_state,
     )  # fmt: skip
@@ -116,8 +167,7 @@ def gated_attn_step(
     backend: str = "auto",
 ) -> tuple[Tensor, GatedState]:  # fmt: skip
     """One decoding step of ``gated_attn`` (one token in q, k, v, g)."""
-    resolve_backend(backend, q.device)
-    return reference.gated_attn_step(q, k, v, g, state, scale=scale)
+    return _step_impl(backend, q.device, q, k, v, g, *(state or ())).gated_attn_step(q, k, v, g, state, scale=scale)
 
 
 def softmax_attn(q: Tensor, k: Tensor, v: Tensor, *, scale: float, window: int | None = None) -> Tensor:
