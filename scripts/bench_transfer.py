@@ -3,7 +3,10 @@
     .venv/bin/python scripts/bench_transfer.py                      # SmolLM2-135M, 1x1024, lolcats
     .venv/bin/python scripts/bench_transfer.py --seq-len 512 --attention hedgehog --json out.json
 
-Teacher: one no-grad forward of the unswapped model (SDPA, full logits), as inference runs it.
+Teacher: one no-grad forward of the unswapped model (SDPA, full logits), as inference runs it
+(its memory); its time is taken through the swapped layers in ``teacher`` mode (the same SDPA
+over the same projections), alternating with the stage-1 steps so that load from other
+processes weighs on both alike.
 Stage 1: one joint transfer step (teacher softmax + student per layer, per-layer MSE, each
 layer's backward as soon as it has run, into the new parameters only, AdamW step), as the loop
 runs it. Both on the same random token ids.
@@ -29,7 +32,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from linearize.config import register_configs, validate  # noqa: E402
 from linearize.models.load import load_teacher, resolve_device  # noqa: E402
-from linearize.models.swap import attention_layers, swap_attention  # noqa: E402
+from linearize.models.swap import attention_layers, set_mode, swap_attention  # noqa: E402
 from linearize.train.transfer import TransferObjective  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -62,7 +65,6 @@ def main() -> None:
     teacher_forward()  # warm-up
     with PeakMemory(device) as teacher_mem:
         teacher_forward()
-    teacher_times = timed(teacher_forward, device, args.repeats)
 
     swap_attention(model, cfg.attention)
     objective = TransferObjective(attention_layers(model), cfg.transfer.mse_weight, cfg.transfer.xent_weight)
@@ -74,10 +76,19 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def swapped_teacher_forward():  # the same teacher math, through the swapped layers
+        set_mode(model, "teacher")
+        teacher_forward()
+        set_mode(model, "transfer")
+
     transfer_step()  # warm-up (also allocates AdamW's state)
     with PeakMemory(device) as step_mem:
         transfer_step()
-    step_times = timed(transfer_step, device, args.repeats)
+    # Timed in alternation, so that load from other processes weighs on both alike.
+    teacher_times, step_times = [], []
+    for _ in range(args.repeats):
+        teacher_times += timed(swapped_teacher_forward, device, 1)
+        step_times += timed(transfer_step, device, 1)
 
     t_teacher, t_step = statistics.median(teacher_times), statistics.median(step_times)
     result = {
