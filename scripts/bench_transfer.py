@@ -69,6 +69,8 @@ def main() -> None:
     swap_attention(model, cfg.attention)
     objective = TransferObjective(attention_layers(model), cfg.transfer.mse_weight, cfg.transfer.xent_weight)
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        sys.exit(f"attention={args.attention} adds no parameters, so it has no stage-1 step to time (it trains with LoRA)")
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
 
     def transfer_step():

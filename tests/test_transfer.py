@@ -116,6 +116,34 @@ def test_kill_after_step_3_then_resume_equals_uninterrupted(tmp_path):
     assert [h["step"] for h in resumed_state.history] == [h["step"] for h in full_state.history]
 
 
+@pytest.mark.parametrize("when", ["validation", "step"])
+def test_non_finite_layer_is_named_with_the_step(tmp_path, when):
+    prep = prepared(tmp_path, "stage=transfer", "attention=lolcats", "attention.window=8",
+                    "train.max_steps=2", "train.batch_size=2", "train.eval_batches=1")  # fmt: skip
+    model = prep.teacher
+    swap_attention(model, prep.config.attention)
+    objective = TransferObjective(attention_layers(model), mse_weight=1000.0)
+
+    def poison_layer_1():
+        with torch.no_grad():
+            for p in attention_layers(model)[1].mixer.parameters():
+                p.fill_(float("nan"))
+
+    if when == "validation":
+        poison_layer_1()  # before the step-0 validation
+    else:
+        real = objective.loss_and_backward
+        objective.loss_and_backward = lambda *a: (poison_layer_1(), real(*a))[1]
+    with pytest.raises(FloatingPointError) as err:
+        loop.train(model, objective, prep.data.train, prep.data.val, prep.config.train, tmp_path / "out",
+                   accelerator=Accelerator(cpu=True), seed=0, resume=False)  # fmt: skip
+    where = "validation after step 0" if when == "validation" else "step 1"
+    assert str(err.value) == (
+        f"{where}: the transfer MSE of layer(s) [1] is not finite; the last checkpoint is intact. "
+        "Lower train.lr or check the data."
+    )
+
+
 def test_crash_while_writing_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "out"
     real_save = loop.save_file

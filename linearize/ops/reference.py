@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -188,10 +189,13 @@ def linear_attn_chunked(
     q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int = 64, normalize: bool = True, eps: float = 1e-6,
     initial_state: LinearState | None = None, output_final_state: bool = False,
 ) -> Tensor | tuple[Tensor, LinearState]:  # fmt: skip
-    """Causal linear attention chunk by chunk: masked quadratic inside, state (S, z) across.
+    """Causal linear attention in blocks of ``chunk_size`` tokens, all blocks at once: a masked
+    quadratic inside each block, and the state (S, z) of every earlier block from a cumulative
+    sum of the blocks' kᵀv (plus the initial state). The query heads of a kv head are stacked
+    as rows of one product, so keys are not repeated per query head.
 
     Args: as `linear_attn_quadratic`, plus
-        chunk_size: tokens per chunk (>= 1); the last chunk may be shorter.
+        chunk_size: tokens per block (>= 1).
         initial_state: state after the tokens preceding q (None: no history).
         output_final_state: also return the state after the last token.
     Returns:
@@ -199,21 +203,31 @@ def linear_attn_chunked(
     """
     _check_qkv(q, k, v)
     _check_positive("chunk_size", chunk_size)
-    dtype, h = v.dtype, q.shape[1]
-    q, k, v = _up(h, v, q, k, v)
-    s_, z = _linear_state(initial_state, q, v)
-    ys = []
-    for qc, kc, vc in zip(*_chunks(chunk_size, q, k, v)):  # (B, H, c, .)
-        c = qc.shape[2]
-        a = (qc @ kc.mT).masked_fill(_distance(c, c, 0, q.device) < 0, 0.0)  # (B, H, c, c)
-        y = qc @ s_ + a @ vc  # (B, H, c, D)
-        if normalize:
-            y = y / (qc @ z.unsqueeze(-1) + a.sum(-1, keepdim=True) + eps)
-        ys.append(y)
-        s_ = s_ + kc.mT @ vc
-        z = z + kc.sum(2)
-    y = torch.cat(ys, 2).to(dtype)
-    return (y, LinearState(s_, z)) if output_final_state else y
+    dtype, h, t, d = v.dtype, q.shape[1], q.shape[2], v.shape[-1]
+    q, k, v = (x.to(torch.promote_types(dtype, torch.float32)) for x in (q, k, v))
+    hk = k.shape[1]
+    g = h // hk
+    c = min(chunk_size, t) or 1
+    n = -(-t // c)
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1) if normalize else v  # ones: the normalizer
+    qb = _query_rows(q, n, c, 0, hk)  # (B, Hk, n, g c, F)
+    kb, vb = _block_rows(k, n, c, 0), _block_rows(v1, n, c, 0)  # (B, Hk, n, c, .)
+    a = (qb @ kb.mT).masked_fill(_distance(c, c, 0, q.device).repeat(g, 1) < 0, 0.0)  # (B, Hk, n, g c, c)
+    older = F.pad((kb.mT @ vb).cumsum(2), (0, 0, 0, 0, 1, 0))[:, :, :n]  # blocks before j: (B, Hk, n, F, D')
+    full = a @ vb + qb @ older
+    if initial_state is not None:
+        s0, z0 = _linear_state(initial_state, q, v)  # per query head: (B, H, F, D), (B, H, F)
+        s0 = torch.cat([s0, z0.unsqueeze(-1)], -1) if normalize else s0
+        full = full + _query_rows(q @ s0, n, c, 0, hk)
+    y = full[..., :d] / (full[..., d:] + eps) if normalize else full
+    y = _query_heads_back(y, c, 0, t).to(dtype)
+    if not output_final_state:
+        return y
+    s_, z = expand_kv(k.mT @ v, h), expand_kv(k.sum(2), h)
+    if initial_state is not None:
+        s0, z0 = _linear_state(initial_state, q, v)
+        s_, z = s0 + s_, z0 + z
+    return y, LinearState(s_, z)
 
 
 def linear_attn_step(
@@ -310,18 +324,50 @@ def _window_scores(q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, window: int, f:
     return f * a_sm + (1 - f) * a_ln
 
 
+def _query_rows(x: Tensor, n: int, c: int, front: int, n_kv: int) -> Tensor:
+    """Queries (B, H, L, .) in blocks of c positions (as `_block_rows`), the H / n_kv query heads
+    of each kv head stacked as rows: (B, n_kv, n, (H / n_kv) c, .)."""
+    x = _block_rows(x, n, c, front).unflatten(1, (n_kv, -1))  # (B, Hk, g, n, c, .)
+    return x.transpose(2, 3).flatten(3, 4)
+
+
+def _query_heads_back(y: Tensor, c: int, front: int, length: int) -> Tensor:
+    """Outputs in `_query_rows`' layout (B, Hk, n, g c, D) back to (B, H, length, D)."""
+    b, hk, n, rows, d = y.shape
+    y = y.unflatten(3, (rows // c, c)).permute(0, 1, 3, 2, 4, 5)  # (B, Hk, g, n, c, D)
+    return y.reshape(b, hk * (rows // c), n * c, d)[:, :, front : front + length]
+
+
+def _block_rows(x: Tensor, n: int, c: int, front: int) -> Tensor:
+    """x (B, H, L, .) padded with ``front`` zero rows before and zeros after to n*c rows, as
+    (B, H, n, c, .): row a of block j is position j*c + a - front of x."""
+    return F.pad(x, (0, 0, front, n * c - front - x.shape[2])).unflatten(2, (n, c))
+
+
+def _earlier_blocks(x: Tensor, m: int) -> Tensor:
+    """(B, H, n, c, .) -> (B, H, n, (m+1) c, .): block j joined with the m blocks before it
+    (zeros before block 0), oldest first."""
+    n = x.shape[2]
+    return torch.cat([F.pad(x, (0, 0, 0, 0, s, 0))[:, :, :n] for s in range(m, -1, -1)], 3)
+
+
 def window_attn_chunked(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, *,
     window: int, window_factor: Tensor, scale: float, chunk_size: int = 64, eps: float = 1e-6,
     initial_state: WindowState | None = None, output_final_state: bool = False,
 ) -> Tensor | tuple[Tensor, WindowState]:  # fmt: skip
-    """LoLCATs hybrid chunk by chunk, for any window vs chunk_size.
+    """LoLCATs hybrid in blocks of ``chunk_size`` tokens, all blocks at once, for any window.
 
-    Each chunk attends to [window cache, chunk keys] under masks by position distance, and to
-    (S, z) for keys older than the cache; keys that leave every later window then enter (S, z).
+    The cached keys of ``initial_state`` come first, then the new ones; queries sit at the new
+    positions. Block j attends to its own keys and the m = ceil((window - 1) / chunk_size)
+    blocks before it under masks by distance (softmax within the window, fq.fk beyond it),
+    and to (S, z) of every key older than those blocks: the initial S, z plus a cumulative sum
+    of the blocks' fkᵀv. Memory is linear in T (per block: chunk_size x (m+1) chunk_size scores,
+    and one F x D state). The query heads of a kv head are stacked as rows of one product, so
+    keys are not repeated per query head (without an initial state, whose cache is per query head).
 
     Args: as `window_attn_quadratic`, plus
-        chunk_size: tokens per chunk (>= 1); the last chunk may be shorter.
+        chunk_size: tokens per block (>= 1).
         initial_state: state after the tokens preceding q (None: no history).
         output_final_state: also return the state after the last token.
     Returns:
@@ -329,28 +375,50 @@ def window_attn_chunked(
     """
     _check_window(q, k, v, fq, fk, window)
     _check_positive("chunk_size", chunk_size)
-    dtype, h = v.dtype, q.shape[1]
-    q, fq, k, v, fk = _up(h, v, q, fq, k, v, fk)
-    f = _mix_factor(window_factor, h, q.dtype)
-    s_, z, kw, vw, fkw = _window_state(initial_state, q, v, fq, window)
-    ys = []
-    for qc, fqc, kc, vc, fkc in zip(*_chunks(chunk_size, q, fq, k, v, fk)):
-        p, c = kw.shape[2], qc.shape[2]
-        kx, vx, fkx = (torch.cat([w, x], 2) for w, x in ((kw, kc), (vw, vc), (fkw, fkc)))
-        # queries (B, H, c, .) against the cache's and the chunk's keys (B, H, p+c, .)
-        dist = _distance(c, p + c, p, q.device)  # the cache's p keys come right before the chunk
-        sc = (qc @ kx.mT * scale).masked_fill((dist < 0) | (dist >= window), float("-inf"))
-        a_sm = torch.exp(sc - sc.amax(-1, keepdim=True))  # (B, H, c, p+c)
-        a_ln = (fqc @ fkx.mT).masked_fill(dist < window, 0.0)  # (B, H, c, p+c)
-        num = f * (a_sm @ vx) + (1 - f) * (fqc @ s_ + a_ln @ vx)
-        den = f * a_sm.sum(-1, keepdim=True) + (1 - f) * (fqc @ z.unsqueeze(-1) + a_ln.sum(-1, keepdim=True))
-        ys.append(num / (den + eps))
-        n_out = max(p + c - (window - 1), 0)  # keys outside the window of query `end` and later
-        s_ = s_ + fkx[:, :, :n_out].mT @ vx[:, :, :n_out]
-        z = z + fkx[:, :, :n_out].sum(2)
-        kw, vw, fkw = kx[:, :, n_out:], vx[:, :, n_out:], fkx[:, :, n_out:]
-    y = torch.cat(ys, 2).to(dtype)
-    return (y, WindowState(s_, z, kw, vw, fkw)) if output_final_state else y
+    dtype, (b, h, t, _), d = v.dtype, q.shape, v.shape[-1]
+    f = _mix_factor(window_factor, h, torch.promote_types(v.dtype, torch.float32))
+    if initial_state is None:
+        q, fq, k, v, fk = (x.to(f.dtype) for x in (q, fq, k, v, fk))  # keys stay per kv head
+        s0 = z0 = None
+        p = 0
+    else:
+        q, fq, k, v, fk = _up(h, v, q, fq, k, v, fk)
+        s0, z0, kw, vw, fkw = _window_state(initial_state, q, v, fq, window)
+        p = kw.shape[2]
+        k, v, fk = torch.cat([kw, k], 2), torch.cat([vw, v], 2), torch.cat([fkw, fk], 2)
+    hk = k.shape[1]
+    g = h // hk  # query heads per key head, stacked as rows below
+    c = min(chunk_size, p + t)
+    n, m = -(-(p + t) // c), -(-(window - 1) // c)
+
+    f_rows = f.view(hk, g, 1).expand(hk, g, c).reshape(1, hk, 1, g * c, 1)  # f per query row
+    qb, fqb = _query_rows(q * scale, n, c, p, hk), _query_rows(fq, n, c, p, hk) * (1 - f_rows)  # (1 - f) rides on fq
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # a ones column: the normalizer rides along
+    kb, vb, fkb = (_block_rows(x, n, c, 0) for x in (k, v1, fk))  # (B, Hk, n, c, .)
+    kn, vn, fkn = (_earlier_blocks(x, m) for x in (kb, vb, fkb))  # (B, Hk, n, (m+1) c, .)
+    # Query a of block j sits at j c + a; near key i at (j - m) c + i: distance m c + a - i.
+    dist = _distance(c, (m + 1) * c, m * c, q.device).repeat(g, 1)  # (g c, (m+1) c), every block
+    key_pos = (torch.arange(n, device=q.device)[:, None] - m) * c + torch.arange((m + 1) * c, device=q.device)
+    outside = (dist < 0) | (dist >= window) | (key_pos < 0)[:, None, :]  # (n, g c, (m+1) c)
+    sc = (qb @ kn.mT).masked_fill(outside, float("-inf"))
+    a_sm = torch.exp(sc - sc.amax(-1, keepdim=True))
+    a = torch.addcmul((fqb @ fkn.mT).masked_fill(dist < window, 0.0), f_rows, a_sm)  # (B, Hk, n, g c, (m+1) c)
+    # Keys of blocks before j - m are beyond every window of block j: [S, z] from a cumsum.
+    older = F.pad((fkb.mT @ vb).cumsum(2), (0, 0, 0, 0, m + 1, 0))[:, :, :n]  # (B, Hk, n, F, D + 1)
+    full = a @ vn + fqb @ older  # (B, Hk, n, g c, D + 1): numerator, denominator
+    if s0 is not None:  # per query head (g == 1 here)
+        full = full + fqb @ torch.cat([s0, z0.unsqueeze(-1)], -1).unsqueeze(2)
+    y = _query_heads_back(full[..., :d] / (full[..., d:] + eps), c, p, t).to(dtype)
+    if not output_final_state:
+        return y
+    n_out = max(p + t - (window - 1), 0)  # keys outside the window of the last query and later
+    s_, z = fk[:, :, :n_out].mT @ v[:, :, :n_out], fk[:, :, :n_out].sum(2)
+    kw, vw, fkw = k[:, :, n_out:], v[:, :, n_out:], fk[:, :, n_out:]
+    if s0 is None:
+        s_, z, kw, vw, fkw = (expand_kv(x, h) for x in (s_, z, kw, vw, fkw))
+    else:
+        s_, z = s0 + s_, z0 + z
+    return y, WindowState(s_, z, kw, vw, fkw)
 
 
 def window_attn_step(

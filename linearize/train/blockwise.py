@@ -182,7 +182,7 @@ def train_blockwise(prepared, model: nn.Module, out_dir: Path, accelerator) -> d
         )
         state = train(block, objective, splits[0], splits[1], cfg.train, block_dir,
                       accelerator=local, seed=cfg.run.seed, resume=cfg.run.resume)  # fmt: skip
-        val = validate(objective, block, validation_batches(splits[1], cfg.train, cfg.run.seed, local), local)
+        val = validate(objective, block, validation_batches(splits[1], cfg.train, cfg.run.seed, local), local, state.step)
         save_file({block.full_name(n): p.detach().cpu() for n, p in block.named_parameters() if p.requires_grad},
                   block_dir / "block.safetensors")  # fmt: skip
         (block_dir / "done.json").write_text(json.dumps(

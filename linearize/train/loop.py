@@ -137,11 +137,14 @@ def validation_batches(split: Split, cfg: TrainConfig, seed: int, accelerator: A
     return [micro_batch(split, seed, i, cfg.batch_size, rank, world) for i in range(n)]
 
 
-def validate(objective: Objective, model: nn.Module, batches: list, accelerator: Accelerator) -> dict[str, float]:
-    """The objective's validation metrics, averaged over processes."""
+def validate(objective: Objective, model: nn.Module, batches: list, accelerator: Accelerator, step: int) -> dict[str, float]:
+    """The objective's validation metrics after ``step`` optimizer steps, averaged over processes."""
     model.eval()
     with torch.no_grad(), accelerator.autocast():  # mixed precision as in training
-        val = objective.validate(model, batches)
+        try:
+            val = objective.validate(model, batches)
+        except FloatingPointError as err:  # an objective that names the layer
+            raise FloatingPointError(f"validation after step {step}: {err}") from None
     # Every process scored a shard of equal size, so the mean of the means is the mean.
     device = accelerator.device
     return {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in val.items()}
@@ -307,7 +310,7 @@ def train(
     main = accelerator.is_main_process
 
     if state.step == 0 and not state.history:  # where training starts from, for the curves
-        initial = validate(objective, wrapped, val_batches, accelerator)
+        initial = validate(objective, wrapped, val_batches, accelerator, 0)
         state.history.append({"step": 0, **{f"val/{k}": v for k, v in initial.items()}})
         log.info("step 0: val_loss %.5g", initial["val_loss"])
 
@@ -356,7 +359,7 @@ def train(
         bar.set_postfix(loss=f"{metrics['loss']:.4g}")
 
         if state.step % cfg.eval_every == 0 or state.step == state.total_steps:
-            val = validate(objective, wrapped, val_batches, accelerator)
+            val = validate(objective, wrapped, val_batches, accelerator, state.step)
             record.update({f"val/{k}": v for k, v in val.items()})
             if cfg.scheduler == "plateau":
                 scheduler.step(val["val_loss"])

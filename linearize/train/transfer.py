@@ -157,7 +157,7 @@ def _train_joint(prepared, model, out_dir: Path, accelerator: Accelerator, track
     per_layer = per_layer_mse(last, "val/mse/layer_")
     if state.best_step != state.step or not per_layer:
         batches = validation_batches(prepared.data.val, cfg.train, cfg.run.seed, accelerator)
-        per_layer = per_layer_mse(validate(objective, model, batches, accelerator))
+        per_layer = per_layer_mse(validate(objective, model, batches, accelerator, state.step))
     rows = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     return {
         "val_mse_per_layer": per_layer,
