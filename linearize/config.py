@@ -289,6 +289,8 @@ class EvalConfig:
     """Standard lm-eval task names (piqa, arc_easy, arc_challenge, hellaswag, winogrande, mmlu)."""
     limit: Optional[int] = None
     """Score only the first ``limit`` items of each task (per subject for MMLU; quick runs)."""
+    task_limits: dict[str, int] = field(default_factory=dict)
+    """Per-task ``limit`` overriding the one above; set one with ``+eval.task_limits.mmlu=2``."""
     batch_size: int = 8
     local: bool = True
     """Read the tasks' data from ``data_dir/eval`` (offline); false uses the hub tasks."""
@@ -301,6 +303,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _positive("eval.limit", self.limit)
+        for task, limit in self.task_limits.items():
+            _positive(f"eval.task_limits.{task}", limit)
         _positive("eval.batch_size", self.batch_size)
         _positive("eval.ppl_tokens", self.ppl_tokens, allow_zero=True)
         _positive("eval.ppl_seq_len", self.ppl_seq_len)

@@ -218,6 +218,12 @@ def check_eval(config: Config) -> None:
             close = difflib.get_close_matches(task, LOCAL_TASKS, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ValueError(f"eval.tasks: {task!r} is not one of {', '.join(LOCAL_TASKS)}.{hint}")
+    stray = [task for task in config.eval.task_limits if task not in config.eval.tasks]
+    if stray:
+        raise ValueError(
+            f"eval.task_limits names {stray}, which eval.tasks={list(config.eval.tasks)} does not score; "
+            "add the task to eval.tasks or drop its limit"
+        )
     if not config.eval.local:
         return
     missing = {task: missing_data(task, config.data_dir) for task in config.eval.tasks}

@@ -326,6 +326,12 @@ def test_unknown_eval_task():
     assert "eval.tasks: 'arc_eazy' is not one of piqa, arc_easy, arc_challenge, hellaswag, winogrande, mmlu. Did you mean 'arc_easy'?" in text
 
 
+def test_task_limit_for_a_task_not_scored():
+    cfg = build_config("stage=eval", "model=tiny-llama", "eval.tasks=[piqa]", "+eval.task_limits.mmlu=2")
+    text = raises(ValueError, preflight, cfg)
+    assert "eval.task_limits names ['mmlu'], which eval.tasks=['piqa'] does not score" in text
+
+
 def test_eval_data_missing(tmp_path):
     text = raises(FileNotFoundError, preflight, build_config("stage=eval", "model=tiny-llama", f"data_dir={tmp_path}"))
     assert f"no evaluation data under data_dir='{tmp_path}'" in text and "eval.local=false" in text

@@ -59,3 +59,20 @@ def test_compare_with_one_side_only():
     assert rows["average"] == {"task": "average", "metric": "mean score", "converted": 0.6}
     rows = {r["task"]: r for r in compare(converted, None)}
     assert rows["wikitext2"] == {"task": "wikitext2", "metric": "ppl", "teacher": 20.0}
+
+
+def test_task_limits_score_each_task_with_its_own_limit(monkeypatch):
+    from linearize.evaluate import run as eval_run
+
+    calls = []
+
+    def fake_evaluate(model, tokenizer, tasks, *, limit, **kwargs):
+        calls.append((tasks, limit))
+        return {task: {"metric": "acc", "value": 0.5, "n": limit} for task in tasks}
+
+    monkeypatch.setattr(eval_run, "evaluate", fake_evaluate)
+    cfg = validate(compose_config("stage=eval", "eval.tasks=[piqa,mmlu,arc_easy]", "eval.limit=100",
+                                  "+eval.task_limits.mmlu=2", "eval.ppl_tokens=0"))  # fmt: skip
+    results = eval_run.score(None, None, cfg)
+    assert calls == [(["piqa", "arc_easy"], 100), (["mmlu"], 2)]
+    assert list(results) == ["piqa", "mmlu", "arc_easy"] and results["mmlu"]["n"] == 2

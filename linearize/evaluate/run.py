@@ -18,8 +18,14 @@ log = get_logger(__name__)
 def score(model, tokenizer, cfg) -> dict[str, Any]:
     """Task scores (lm-eval) and WikiText-2 perplexity of one model."""
     e = cfg.eval
-    results = evaluate(model, tokenizer, list(e.tasks), data_dir=cfg.data_dir, limit=e.limit,
-                       batch_size=e.batch_size, local=e.local)  # fmt: skip
+    by_limit: dict[Any, list[str]] = {}  # one harness call per distinct limit
+    for task in e.tasks:
+        by_limit.setdefault(e.task_limits.get(task, e.limit), []).append(task)
+    scored: dict[str, Any] = {}
+    for limit, tasks in by_limit.items():
+        scored.update(evaluate(model, tokenizer, tasks, data_dir=cfg.data_dir, limit=limit,
+                               batch_size=e.batch_size, local=e.local))  # fmt: skip
+    results = {task: scored[task] for task in e.tasks}
     if e.ppl_tokens != 0:
         try:
             text = wikitext2_text(cfg.data_dir)
@@ -48,7 +54,8 @@ def run_eval(prepared, accelerator=None, tracker=None) -> Path:
     rows = compare(teacher_scores, converted_scores)
     title = f"{cfg.model.name}: teacher vs {source.name if source else 'none'} ({cfg.attention.name})"
     meta = {"model": cfg.model.name, "converted": str(source) if source else None, "limit": cfg.eval.limit,
-            "tasks": list(cfg.eval.tasks), "ppl_tokens": cfg.eval.ppl_tokens}  # fmt: skip
+            "task_limits": dict(cfg.eval.task_limits), "tasks": list(cfg.eval.tasks),
+            "ppl_tokens": cfg.eval.ppl_tokens}  # fmt: skip
     out_dir = run_dir / "eval"
     text = write_report(rows, out_dir, title, meta)
     log.info("evaluation report (%s):\n%s", out_dir, text)
