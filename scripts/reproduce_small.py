@@ -1,0 +1,203 @@
+"""The results table at our scale: every attention variant converted from SmolLM2-135M under one
+token budget per stage, then scored beside the teacher (docs/results.md, issue 9).
+
+    .venv/bin/python scripts/reproduce_small.py                 # the documented table (make reproduce-small)
+    .venv/bin/python scripts/reproduce_small.py --rows teacher lolcats --steps 4 --limit 10   # a smoke run
+
+Each row is one `python -m linearize stage=all ...` (or `stage=eval` for the teacher) in its own
+run dir under --out, with the same training budget for every stage it runs (--steps optimizer
+steps of --batch x --grad-accum rows of --seq-len tokens) and the same evaluation: PIQA, ARC-e,
+ARC-c, HellaSwag, WinoGrande 0-shot on the first --limit items, MMLU 5-shot on --mmlu-limit
+questions per subject, WikiText-2 perplexity on --ppl-tokens tokens. The runs resume: rerun the
+same command after an interruption and finished stages are skipped (a row's wall time adds up
+over its runs). At the end the table is written as markdown, json and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "mmlu"]
+TASK_NAMES = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag": "HellaSwag",
+              "winogrande": "WinoGrande", "mmlu": "MMLU"}  # fmt: skip
+
+
+@dataclass
+class Row:
+    name: str
+    label: str
+    overrides: list[str] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)  # trained stages, in order; [] for the teacher
+
+
+ROWS = [
+    Row("teacher", "teacher (softmax)"),
+    Row("elu-lora", "elu, LoRA only (no transfer)", ["attention=elu", "finetune.start=swap"], ["finetune"]),
+    Row("t2r", "t2r, transfer + LoRA", ["attention=t2r"], ["transfer", "finetune"]),
+    Row("hedgehog", "hedgehog, transfer + LoRA", ["attention=hedgehog"], ["transfer", "finetune"]),
+    Row("lolcats", "lolcats (window 64), transfer + LoRA", ["attention=lolcats"], ["transfer", "finetune"]),
+    Row("liger", "liger, LoRA only", ["recipe=liger"], ["finetune"]),
+    Row("lolcats-keep2", "lolcats + 2 worst layers softmax", ["attention=lolcats", "attention.keep_softmax=2"],
+        ["transfer", "finetune"]),  # fmt: skip
+    Row("supra-uptrain", "supra, uptrain (all weights)", ["recipe=supra"], ["uptrain"]),
+    Row("supra-transfer", "supra, transfer + LoRA", ["attention=supra"], ["transfer", "finetune"]),
+]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "reproduce-small", help="run dirs go here")
+    p.add_argument("--rows", nargs="*", default=[r.name for r in ROWS], help="a subset, by name")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per training stage")
+    p.add_argument("--batch", type=int, default=1, help="rows per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per packed row")
+    p.add_argument("--max-examples", type=int, default=4000, help="instruction records read")
+    p.add_argument("--limit", type=int, default=100, help="items per 0-shot task")
+    p.add_argument("--mmlu-limit", type=int, default=1, help="MMLU questions per subject (57 subjects)")
+    p.add_argument("--ppl-tokens", type=int, default=16384, help="WikiText-2 tokens for perplexity")
+    p.add_argument("--eval-batch", type=int, default=16)
+    p.add_argument("--markdown", type=Path, help="write the table here too")
+    p.add_argument("--json", type=Path, help="write the table's figures here")
+    p.add_argument("--png", type=Path, help="write the chart here")
+    p.add_argument("--extra", nargs="*", default=[], help="more overrides for every row, e.g. run.device=cuda")
+    args = p.parse_args()
+    unknown = sorted(set(args.rows) - {r.name for r in ROWS})
+    if unknown:
+        p.error(f"unknown rows {unknown}; rows: {', '.join(r.name for r in ROWS)}")
+    return args
+
+
+def budget(args) -> list[str]:
+    return [
+        f"train.max_steps={args.steps}", f"train.batch_size={args.batch}", f"train.grad_accum={args.grad_accum}",
+        f"data.seq_len={args.seq_len}", f"data.max_examples={args.max_examples}",
+        f"train.eval_every={max(args.steps // 4, 1)}", "train.eval_batches=8",
+    ]  # fmt: skip
+
+
+def evaluation(args) -> list[str]:
+    return [
+        f"eval.tasks=[{','.join(TASKS)}]", f"eval.limit={args.limit}", f"+eval.task_limits.mmlu={args.mmlu_limit}",
+        f"eval.ppl_tokens={args.ppl_tokens}", f"eval.batch_size={args.eval_batch}",
+    ]  # fmt: skip
+
+
+def command(row: Row, args) -> list[str]:
+    run = [f"run.dir={args.out / row.name}", "model=smollm2-135m", *args.extra]
+    if not row.stages:
+        return ["stage=eval", *run, *evaluation(args), "eval.teacher=true"]
+    pipeline = f"pipeline=[{','.join([*row.stages, 'eval'])}]"
+    return ["stage=all", *run, *row.overrides, pipeline, *budget(args), *evaluation(args), "eval.teacher=false"]
+
+
+def run_row(row: Row, args) -> bool:
+    """Run (or resume) one row; False when its command failed."""
+    run_dir = args.out / row.name
+    if (run_dir / "eval" / "report.json").is_file():
+        print(f"[{row.name}] done already ({run_dir})", flush=True)
+        return True
+    cmd = [sys.executable, "-m", "linearize", *command(row, args)]
+    print(f"[{row.name}] {' '.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT)
+    wall = run_dir / "wall_seconds.json"
+    before = json.loads(wall.read_text())["seconds"] if wall.is_file() else 0.0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    wall.write_text(json.dumps({"seconds": before + time.perf_counter() - start}))
+    if done.returncode != 0:
+        print(f"[{row.name}] failed (exit {done.returncode}); see {run_dir / 'linearize.log'}", flush=True)
+    return done.returncode == 0
+
+
+def collect(row: Row, args) -> dict:
+    run_dir = args.out / row.name
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    side = "teacher" if not row.stages else "converted"
+    scores = {r["task"]: r.get(side) for r in report["rows"] if "metric" in r}
+    out = {"name": row.name, "label": row.label, "stages": row.stages, "scores": scores,
+           "wall_seconds": json.loads((run_dir / "wall_seconds.json").read_text())["seconds"]}  # fmt: skip
+    out["tokens_per_stage"] = args.steps * args.batch * args.grad_accum * args.seq_len if row.stages else 0
+    result = run_dir / "transfer" / "result.json"
+    if result.is_file():
+        r = json.loads(result.read_text())
+        linear = [r["val_mse_per_layer"][str(i)] for i in r["swapped"]]
+        out["transfer_mse"] = sum(linear) / len(linear)  # over the layers left linear
+        out["kept_softmax"] = r["kept_softmax"]
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    teacher_avg = next((r["scores"].get("average") for r in rows if r["name"] == "teacher"), None)
+    head = ["row", "tokens / stage", "wall min", "stage-1 val MSE", "WikiText-2 PPL",
+            *(TASK_NAMES[t] for t in TASKS), "average", "kept"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def f(x, digits=3):
+        return "–" if x is None else f"{x:.{digits}f}"
+
+    for r in rows:
+        s, avg = r["scores"], r["scores"].get("average")
+        kept = f"{100 * avg / teacher_avg:.1f}%" if avg is not None and teacher_avg else "–"
+        mse = f"{r['transfer_mse']:.4f}" if "transfer_mse" in r else "–"
+        tokens = f"{r['tokens_per_stage']:,}" if r["tokens_per_stage"] else "–"
+        cells = [r["label"], tokens, f"{r['wall_seconds'] / 60:.1f}", mse, f(s.get("wikitext2"), 2),
+                 *(f(s.get(t)) for t in TASKS), f(avg), kept]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r["name"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    avg = [r["scores"].get("average") or 0.0 for r in rows]
+    ax1.bar(labels, avg, color=["#555" if r["name"] == "teacher" else "#3b7dd8" for r in rows])
+    ax1.set_ylabel("average task score (6 tasks)")
+    ax1.set_ylim(min(avg) * 0.9 if avg else 0, max(avg) * 1.05 if avg else 1)
+    ppl = [r["scores"].get("wikitext2") or float("nan") for r in rows]
+    ax2.bar(labels, ppl, color=["#555" if r["name"] == "teacher" else "#d8843b" for r in rows])
+    ax2.set_yscale("log")
+    ax2.set_ylabel("WikiText-2 perplexity (log)")
+    for ax in (ax1, ax2):
+        ax.tick_params(axis="x", rotation=45)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+    fig.suptitle("SmolLM2-135M converted under one token budget per stage")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args()
+    rows = [r for r in ROWS if r.name in args.rows]
+    failed = [row.name for row in rows if not run_row(row, args)]  # a failed row does not stop the others
+    figures = [collect(row, args) for row in rows if row.name not in failed]
+    text = table(figures)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+    if args.json:
+        meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        args.json.write_text(json.dumps({"budget": meta, "rows": figures}, indent=1))
+    if args.png:
+        chart(figures, args.png)
+    if failed:
+        sys.exit(f"rows failed: {', '.join(failed)}; rerun the same command to resume them")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""scripts/reproduce_small.py: every row's command is a valid pipeline, and the table adds up."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, build_config
+from linearize.stages import preflight
+
+spec = importlib.util.spec_from_file_location("reproduce_small", ROOT / "scripts" / "reproduce_small.py")
+rs = importlib.util.module_from_spec(spec)
+sys.modules["reproduce_small"] = rs  # its dataclasses look themselves up there
+spec.loader.exec_module(rs)
+
+
+def args(tmp_path: Path) -> Namespace:
+    return Namespace(out=tmp_path, steps=30, batch=1, grad_accum=2, seq_len=512, max_examples=4000, limit=100,
+                     mmlu_limit=1, ppl_tokens=16384, eval_batch=16, extra=[])  # fmt: skip
+
+
+@pytest.mark.parametrize("row", rs.ROWS, ids=lambda r: r.name)
+def test_each_row_is_a_valid_run(row, tmp_path):
+    cfg = build_config(*rs.command(row, args(tmp_path)))
+    preflight(cfg)  # what the CLI checks before loading anything
+    assert cfg.model.name == "smollm2-135m" and cfg.eval.task_limits == {"mmlu": 1}
+    assert list(cfg.eval.tasks) == rs.TASKS and cfg.eval.limit == 100
+    if not row.stages:
+        assert cfg.stage == "eval" and cfg.eval.teacher
+        return
+    assert cfg.stage == "all" and list(cfg.pipeline) == [*row.stages, "eval"]
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.data.seq_len) == (30, 1, 2, 512)
+    assert cfg.attention.name != "softmax"
+
+
+def test_table_shares_and_columns():
+    rows = [
+        {"name": "teacher", "label": "teacher", "stages": [], "tokens_per_stage": 0, "wall_seconds": 60.0,
+         "scores": {"piqa": 0.6, "average": 0.4, "wikitext2": 18.0}},
+        {"name": "lolcats", "label": "lolcats", "stages": ["transfer", "finetune"], "tokens_per_stage": 30720,
+         "wall_seconds": 600.0, "transfer_mse": 0.01234, "scores": {"piqa": 0.5, "average": 0.3, "wikitext2": 90.0}},
+    ]  # fmt: skip
+    lines = rs.table(rows).splitlines()
+    assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == lines[3].count("|")
+    cells = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert cells[:5] == ["lolcats", "30,720", "10.0", "0.0123", "90.00"]
+    assert cells[-2:] == ["0.300", "75.0%"]  # 0.3 of the teacher's 0.4
+    assert cells[6] == "–"  # a task the run did not score
