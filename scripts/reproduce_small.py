@@ -55,7 +55,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "reproduce-small", help="run dirs go here")
     p.add_argument("--rows", nargs="*", default=[r.name for r in ROWS], help="a subset, by name")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per training stage")
+    p.add_argument("--steps", type=int, default=24, help="optimizer steps per training stage")
     p.add_argument("--batch", type=int, default=1, help="rows per micro-batch")
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=512, help="tokens per packed row")
@@ -79,7 +79,7 @@ def budget(args) -> list[str]:
     return [
         f"train.max_steps={args.steps}", f"train.batch_size={args.batch}", f"train.grad_accum={args.grad_accum}",
         f"data.seq_len={args.seq_len}", f"data.max_examples={args.max_examples}",
-        f"train.eval_every={max(args.steps // 4, 1)}", "train.eval_batches=8",
+        f"train.eval_every={max(args.steps // 4, 1)}", "train.eval_batches=4",
     ]  # fmt: skip
 
 

@@ -19,7 +19,7 @@ spec.loader.exec_module(rs)
 
 
 def args(tmp_path: Path) -> Namespace:
-    return Namespace(out=tmp_path, steps=30, batch=1, grad_accum=2, seq_len=512, max_examples=4000, limit=100,
+    return Namespace(out=tmp_path, steps=24, batch=1, grad_accum=2, seq_len=512, max_examples=4000, limit=100,
                      mmlu_limit=1, ppl_tokens=16384, eval_batch=16, extra=[])  # fmt: skip
 
 
@@ -33,7 +33,7 @@ def test_each_row_is_a_valid_run(row, tmp_path):
         assert cfg.stage == "eval" and cfg.eval.teacher
         return
     assert cfg.stage == "all" and list(cfg.pipeline) == [*row.stages, "eval"]
-    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.data.seq_len) == (30, 1, 2, 512)
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.data.seq_len) == (24, 1, 2, 512)
     assert cfg.attention.name != "softmax"
 
 
