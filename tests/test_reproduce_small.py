@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, build_config
+from tests.conftest import ROOT, build_config
 from linearize.stages import preflight
 
 spec = importlib.util.spec_from_file_location("reproduce_small", ROOT / "scripts" / "reproduce_small.py")
