@@ -51,7 +51,7 @@ ROWS = [
 ]
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "reproduce-small", help="run dirs go here")
     p.add_argument("--rows", nargs="*", default=[r.name for r in ROWS], help="a subset, by name")
@@ -68,7 +68,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write the table's figures here")
     p.add_argument("--png", type=Path, help="write the chart here")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for every row, e.g. run.device=cuda")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     unknown = sorted(set(args.rows) - {r.name for r in ROWS})
     if unknown:
         p.error(f"unknown rows {unknown}; rows: {', '.join(r.name for r in ROWS)}")

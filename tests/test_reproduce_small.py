@@ -19,8 +19,7 @@ spec.loader.exec_module(rs)
 
 
 def args(tmp_path: Path) -> Namespace:
-    return Namespace(out=tmp_path, steps=24, batch=1, grad_accum=2, seq_len=512, max_examples=4000, limit=100,
-                     mmlu_limit=1, ppl_tokens=16384, eval_batch=16, extra=[])  # fmt: skip
+    return rs.parse_args(["--out", str(tmp_path)])  # the documented budget: the script's defaults
 
 
 @pytest.mark.parametrize("row", rs.ROWS, ids=lambda r: r.name)
