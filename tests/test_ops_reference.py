@@ -382,6 +382,20 @@ def test_gated_constant_decay_matches_loop():
     assert_close("chunked", ref.gated_attn_chunked(q, k, v, g, chunk_size=16), want)
 
 
+@pytest.mark.parametrize("gate", ["feature", "scalar"])
+def test_gated_chunked_strong_decay_stays_finite(gate):
+    """Gates down to -40 a token over 300 tokens: the cumulative log decay passes -1000, far
+    outside exp's fp32 range, so every exponent must be a span sum taken before exp."""
+    x = {n: v.detach() for n, v in _gated_inputs(300, "gqa", gate).items()}
+    x["g"] = -40 * torch.rand_like(x["g"])
+    assert x["g"].sum(2).max() < -1000
+    want, final = _step_loop(ref.gated_attn_step, x, scale=0.5)
+    got, got_final = ref.gated_attn_chunked(**x, scale=0.5, chunk_size=32, output_final_state=True)
+    assert torch.isfinite(got).all() and torch.isfinite(got_final.S).all()
+    assert_close("chunked", got, want)
+    assert_close("final state", got_final.S, final.S)
+
+
 def test_gqa_equals_pre_expanded():
     lin = {n: v.detach() for n, v in _linear_inputs(37, "gqa").items()}
     win = {n: v.detach() for n, v in _window_inputs(37, "gqa").items()}

@@ -136,12 +136,6 @@ def _up(n_heads: int, v: Tensor, *xs: Tensor) -> list[Tensor]:
     return [expand_kv(x.to(dtype), n_heads) for x in xs]
 
 
-def _chunks(chunk_size: int, *xs: Tensor) -> list[tuple[Tensor, ...]]:
-    """Each x cut into chunks along time. ``split`` rather than slicing: its backward joins
-    the chunk gradients, where each slice's backward would fill a whole-length zero tensor."""
-    return [x.split(chunk_size, dim=2) for x in xs]
-
-
 def _distance(n_q: int, n_k: int, offset: int, device: torch.device) -> Tensor:
     """(n_q, n_k) positions from key j to query i, when query i sits at key index i + offset."""
     return torch.arange(n_q, device=device)[:, None] + offset - torch.arange(n_k, device=device)[None, :]
@@ -510,12 +504,17 @@ def gated_attn_chunked(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, *, scale: float = 1.0, chunk_size: int = 64,
     initial_state: GatedState | None = None, output_final_state: bool = False,
 ) -> Tensor | tuple[Tensor, GatedState]:  # fmt: skip
-    """Gated linear attention chunk by chunk, gates cumulated from each chunk's start.
+    """Gated linear attention in blocks of ``chunk_size`` tokens, gates cumulated from each
+    block's start.
 
-    Every exponent used is a sum of g over a span (<= 0), so nothing overflows.
+    Inside a block: the masked, decayed q.k products, for all blocks at once with per-head
+    gates; per-feature gates need a (c, c, F) decay per block, so they go block by block in
+    blocks of at most 16 tokens (its exps are the cost: T c F of them). Across blocks: each
+    block's kᵀv decayed to its end, carried by a scan over the blocks' states. Every exponent
+    used is a sum of g over a span (<= 0), so nothing overflows.
 
     Args: as `gated_attn_quadratic`, plus
-        chunk_size: tokens per chunk (>= 1); the last chunk may be shorter.
+        chunk_size: tokens per block (>= 1); T need not divide by it.
         initial_state: state after the tokens preceding q (None: zeros).
         output_final_state: also return the state after the last token.
     Returns:
@@ -523,20 +522,30 @@ def gated_attn_chunked(
     """
     _check_qkv(q, k, v)
     _check_positive("chunk_size", chunk_size)
-    dtype, h = v.dtype, q.shape[1]
+    dtype, h, t = v.dtype, q.shape[1], q.shape[2]
     g = _gate(g, k, v, h)
     q, k, v = _up(h, v, q, k, v)
-    s_ = _gated_state(initial_state, q, v)
-    ys = []
-    for qc, kc, vc, gc in zip(*_chunks(chunk_size, q, k, v, g)):
-        c = qc.shape[2]
-        cum = gc.cumsum(2)  # (B, H, c, F|1) log decay from the chunk start through each token
-        a = (qc[:, :, :, None] * kc[:, :, None] * _decay_matrix(cum, _distance(c, c, 0, q.device) >= 0)).sum(-1)
-        ys.append(scale * ((qc * cum.exp()) @ s_ + a @ vc))  # (B, H, c, D)
-        last = cum[:, :, -1:]  # (B, H, 1, F|1)
-        s_ = last.mT.exp() * s_ + (kc * (last - cum).exp()).mT @ vc
-    y = torch.cat(ys, 2).to(dtype)
-    return (y, GatedState(s_)) if output_final_state else y
+    per_head = g.shape[-1] == 1
+    c = min(chunk_size if per_head else min(chunk_size, 16), t) or 1
+    n = -(-t // c)
+    qb, kb, vb, gb = (_block_rows(x, n, c, 0) for x in (q, k, v, g))  # padding: zero keys, no decay
+    cum = gb.cumsum(3)  # (B, H, n, c, F|1): log decay from the block start through each token
+    causal = _distance(c, c, 0, q.device) >= 0
+    if per_head:  # one decay per (query, key) pair
+        a = (qb @ kb.mT) * (cum[..., :, None, 0] - cum[..., None, :, 0]).masked_fill(~causal, float("-inf")).exp()
+    else:
+        a = torch.stack([
+            (qj[:, :, :, None] * kj[:, :, None] * _decay_matrix(cj, causal)).sum(-1)
+            for qj, kj, cj in zip(qb.unbind(2), kb.unbind(2), cum.unbind(2))
+        ], 2)  # fmt: skip
+    last = cum[:, :, :, -1:]  # (B, H, n, 1, F|1): log decay over each whole block
+    kv = (kb * (last - cum).exp()).mT @ vb  # (B, H, n, F, D): each block's kᵀv at its end
+    starts = [_gated_state(initial_state, q, v)]  # the state where each block starts, then the final one
+    for decay_j, kv_j in zip(last.mT.exp().unbind(2), kv.unbind(2)):
+        starts.append(decay_j * starts[-1] + kv_j)
+    y = scale * (a @ vb + (qb * cum.exp()) @ torch.stack(starts[:n], 2))  # (B, H, n, c, D)
+    y = y.flatten(2, 3)[:, :, :t].to(dtype)
+    return (y, GatedState(starts[n])) if output_final_state else y
 
 
 def gated_attn_step(
