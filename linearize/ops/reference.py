@@ -463,6 +463,9 @@ def _gated_state(state: GatedState | None, q: Tensor, v: Tensor) -> Tensor:
     return state.S.to(q.dtype)
 
 
+_GROUP_ELEMENTS = 1 << 24  # per temporary of the per-feature in-block term (64 MiB in fp32)
+
+
 def _decay_matrix(cum: Tensor, causal: Tensor) -> Tensor:
     """exp(G_i - G_j) where j <= i, else 0.
 
@@ -507,11 +510,12 @@ def gated_attn_chunked(
     """Gated linear attention in blocks of ``chunk_size`` tokens, gates cumulated from each
     block's start.
 
-    Inside a block: the masked, decayed q.k products, for all blocks at once with per-head
-    gates; per-feature gates need a (c, c, F) decay per block, so they go block by block in
-    blocks of at most 16 tokens (its exps are the cost: T c F of them). Across blocks: each
-    block's kᵀv decayed to its end, carried by a scan over the blocks' states. Every exponent
-    used is a sum of g over a span (<= 0), so nothing overflows.
+    Inside a block: the causal, decayed q.k products. Per-head gates give one decay per
+    (query, key) pair, for all blocks in one product. Per-feature gates need one per pair and
+    feature: those exps are the cost (T (c + 1) F / 2 of them), so blocks are at most 16 tokens,
+    only the pairs j <= i are computed, and blocks go in groups of bounded memory. Across
+    blocks: each block's kᵀv decayed to its end, carried by a scan over the blocks' states.
+    Every exponent used is a sum of g over a span (<= 0), so nothing overflows.
 
     Args: as `gated_attn_quadratic`, plus
         chunk_size: tokens per block (>= 1); T need not divide by it.
@@ -530,14 +534,17 @@ def gated_attn_chunked(
     n = -(-t // c)
     qb, kb, vb, gb = (_block_rows(x, n, c, 0) for x in (q, k, v, g))  # padding: zero keys, no decay
     cum = gb.cumsum(3)  # (B, H, n, c, F|1): log decay from the block start through each token
-    causal = _distance(c, c, 0, q.device) >= 0
     if per_head:  # one decay per (query, key) pair
+        causal = _distance(c, c, 0, q.device) >= 0
         a = (qb @ kb.mT) * (cum[..., :, None, 0] - cum[..., None, :, 0]).masked_fill(~causal, float("-inf")).exp()
-    else:
-        a = torch.stack([
-            (qj[:, :, :, None] * kj[:, :, None] * _decay_matrix(cj, causal)).sum(-1)
-            for qj, kj, cj in zip(qb.unbind(2), kb.unbind(2), cum.unbind(2))
-        ], 2)  # fmt: skip
+    else:  # only the c (c + 1) / 2 pairs j <= i, whose exponents are all <= 0, in groups of blocks
+        i, j = torch.tril_indices(c, c, device=q.device)
+        per_block = qb.shape[0] * h * len(i) * qb.shape[-1]
+        pairs = torch.cat([
+            (qg[..., i, :] * kg[..., j, :] * (cg[..., i, :] - cg[..., j, :]).exp()).sum(-1)
+            for qg, kg, cg in zip(*(x.split(max(1, _GROUP_ELEMENTS // per_block), 2) for x in (qb, kb, cum)))
+        ], 2)  # fmt: skip  # (B, H, n, c (c + 1) / 2)
+        a = pairs.new_zeros(*pairs.shape[:3], c * c).index_copy(3, i * c + j, pairs).unflatten(3, (c, c))
     last = cum[:, :, :, -1:]  # (B, H, n, 1, F|1): log decay over each whole block
     kv = (kb * (last - cum).exp()).mT @ vb  # (B, H, n, F, D): each block's kᵀv at its end
     starts = [_gated_state(initial_state, q, v)]  # the state where each block starts, then the final one
