@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -256,6 +257,36 @@ def check_batches(config: Config, data: PackedData, world: int) -> None:
         )
 
 
+def fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Honour an FSDP launch config when the processes run on CPU.
+
+    accelerate (1.15, ``AcceleratorState.__init__`` in accelerate/state.py) sets
+    ``distributed_type = FSDP`` only inside its branch for GPU-like types (MULTI_GPU, MULTI_XPU,
+    MULTI_NPU, ...), not MULTI_CPU: a CPU launch with ``distributed_type: FSDP`` silently trains
+    under DDP. torch's FSDP2 (``fully_shard``) runs on CPU with gloo, and accelerate's FSDP2
+    ``prepare`` works there once the state says FSDP, so that is set here, as a GPU launch would.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not wants_fsdp or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment
+    if plugin.fsdp_version != 2:
+        raise ValueError(
+            "an FSDP launch on CPU processes needs fsdp_config.fsdp_version: 2 (FSDP2, as in "
+            "configs/accelerate/fsdp.yaml); FSDP1 is not supported here"
+        )
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    # Both singletons: every AcceleratorState() copies PartialState's shared fields over its own.
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+    log.info("FSDP2 on %d CPU processes (accelerate alone would run them as DDP)", accelerator.num_processes)
+
+
 def prepare(config: Config, cfg: DictConfig) -> Prepared:
     """Write the resolved config, tokenize the data, load the teacher (data first: it is cheaper
     and a bad data set should fail before the slow model load)."""
@@ -267,6 +298,7 @@ def prepare(config: Config, cfg: DictConfig) -> Prepared:
         data = prepare_data(config.data, tokenizer, config.data_dir, config.run.seed) if needs_data else None
         # accelerate picks this process's device under a multi-process launch.
         accelerator = Accelerator(cpu=resolve_device(config.run.device).type == "cpu")
+        fsdp_on_cpu(accelerator)
         if data is not None:
             check_batches(config, data, accelerator.num_processes)
         device = accelerator.device

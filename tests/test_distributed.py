@@ -2,7 +2,9 @@
 
 Every comparison is between weights after a few AdamW steps from the same start. Gradients
 differ only by the order of float additions (an all-reduce of two half-batch means against one
-batch mean), so fp32 weights agree to a few 1e-6; the bound is 1e-5.
+batch mean), so fp32 weights agree to a few 1e-6; the bound is 1e-5. The same holds under FSDP
+(``accelerate launch`` with configs/accelerate/fsdp-cpu.yaml), where the all-reduce is a
+reduce-scatter and every process holds a shard of each weight.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, data_root
+from tests.conftest import ROOT, build_config, data_root
 
 pytestmark = pytest.mark.slow
 
 TINY = ["model=tiny-llama", "data.max_examples=80", "data.seq_len=64", "train.eval_every=1", "train.grad_accum=2"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+FSDP = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(ROOT / "configs" / "accelerate" / "fsdp-cpu.yaml")]  # fmt: skip
 TOLERANCE = 1e-5
 
 
@@ -105,3 +109,54 @@ def test_blockwise_blocks_spread_over_ranks_match_one_rank(tmp_path):
     assert [b.name for b in blocks] == ["layers-000-000", "layers-001-001"]
     steps = [json.loads((b / "done.json").read_text())["steps"] for b in blocks]
     assert steps == [2, 2]
+
+
+def test_uptrain_all_under_fsdp_two_ranks_equals_one_process_and_resumes(tmp_path):
+    import torch
+
+    from linearize.models.convert import load_converted, read_manifest
+    from linearize.models.load import load_teacher
+    from linearize.models.swap import swap_attention
+
+    # constant lr: a cosine schedule planned over 2 steps ends at lr 0, so the resumed third step
+    # would differ from an uninterrupted 3-step run for a reason that has nothing to do with FSDP
+    common = ["stage=uptrain", "attention=supra", "train.trainable=all", "train.lr=1e-3", "train.scheduler=constant"]
+    whole = _run(FSDP, *common, "train.batch_size=1", "train.max_steps=3", f"run.dir={tmp_path / 'fsdp'}")
+    _run([sys.executable], *common, "train.batch_size=2", "train.max_steps=3", f"run.dir={tmp_path / 'one'}")
+    _run(FSDP, *common, "train.batch_size=1", "train.max_steps=2", f"run.dir={tmp_path / 'parts'}")
+    resumed = _run(FSDP, *common, "train.batch_size=1", "train.max_steps=3", "run.resume=true",
+                   f"run.dir={tmp_path / 'parts'}")  # fmt: skip
+    for out in (whole, resumed):  # sharded by FSDP2, not wrapped in DDP
+        log = out.stdout + out.stderr
+        assert "FSDP: FSDPLlamaForCausalLM sharded over 2 processes (parameters: DTensor)" in log, log[-3000:]
+        assert "DistributedDataParallel" not in log
+    assert "resumed from" in resumed.stdout + resumed.stderr
+
+    fsdp, one, parts = tmp_path / "fsdp" / "uptrain", tmp_path / "one" / "uptrain", tmp_path / "parts" / "uptrain"
+    trained = {**load_file(fsdp / "model.safetensors"), **load_file(fsdp / "attention.safetensors")}
+    _assert_close(trained, {**load_file(one / "model.safetensors"), **load_file(one / "attention.safetensors")})
+    assert read_manifest(fsdp)["trainable"] == "all" and read_manifest(fsdp)["steps"] == 3
+    assert _checkpoints(fsdp) == ["step-0000003"]
+    ckpt = load_file(fsdp / "checkpoints" / "step-0000003" / "trainable.safetensors")
+    assert {k: v.shape for k, v in ckpt.items()} == {k: v.shape for k, v in trained.items()}  # gathered, not shards
+
+    # every weight of the model moved (train.trainable=all)
+    config = build_config(*TINY, *common, f"data_dir={data_root()}")
+    start = load_teacher(config.model, cache_dir=config.cache_dir, device=torch.device("cpu"), seed=config.run.seed)
+    swap_attention(start, config.attention, seed=config.run.seed)
+    start = dict(start.named_parameters())
+    assert trained.keys() == start.keys()
+    assert [n for n in start if torch.equal(trained[n], start[n])] == []
+
+    # a run stopped after 2 steps and resumed under FSDP is the uninterrupted one, bit for bit
+    for name in ("model.safetensors", "attention.safetensors"):
+        expected, got = load_file(fsdp / name), load_file(parts / name)
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), (name, key)
+
+    # the written model loads on its own and carries the trained weights
+    loaded, _ = load_converted(fsdp)
+    params = dict(loaded.named_parameters())
+    for name, tensor in trained.items():
+        assert torch.equal(params[name].detach(), tensor), name

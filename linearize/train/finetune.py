@@ -26,7 +26,7 @@ from linearize.log import Tracker, get_logger
 from linearize.models.convert import apply_converted, build_adapter, read_manifest, save_converted
 from linearize.models.swap import attention_layers, set_mode, swap_attention
 from linearize.train.export import save_full
-from linearize.train.loop import train
+from linearize.train.loop import is_sharded, train
 
 log = get_logger(__name__)
 
@@ -115,6 +115,28 @@ def set_trainable(model: nn.Module, trainable: str) -> None:
                 proj.requires_grad_(True)
 
 
+def unsharded_copy(model: nn.Module, prepared, accelerator: Accelerator) -> nn.Module | None:
+    """The FSDP-sharded ``model``'s weights gathered into a fresh, plain copy on the main process
+    (``None`` on the others), for writing it out. Every process must call it."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from linearize.models.load import load_teacher
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return None
+    cfg = prepared.config
+    plain = load_teacher(cfg.model, cache_dir=cfg.cache_dir, device=torch.device("cpu"), seed=cfg.run.seed)
+    swap_attention(plain, cfg.attention, seed=cfg.run.seed)
+    set_mode(plain, "student")
+    dtypes = {t.dtype for t in full.values() if t.is_floating_point()}
+    if len(dtypes) == 1:  # the dtype training used (the CPU load above may pick another)
+        plain.to(dtypes.pop())
+    plain.load_state_dict(full)  # strict: every weight comes from training (a copy: ties are kept)
+    return plain
+
+
 def run_uptrain(prepared, accelerator: Accelerator, tracker: Tracker | None = None) -> Path:
     """Swap, train ``train.trainable`` on next-token loss, write ``<run.dir>/uptrain``."""
     cfg = prepared.config
@@ -130,6 +152,8 @@ def run_uptrain(prepared, accelerator: Accelerator, tracker: Tracker | None = No
         model, NextTokenObjective(), prepared.data.train, prepared.data.val, cfg.train, out_dir,
         accelerator=accelerator, seed=cfg.run.seed, resume=cfg.run.resume, tracker=tracker,
     )  # fmt: skip
+    if is_sharded(accelerator):
+        model = unsharded_copy(model, prepared, accelerator)
     first_val = next((h["val/val_loss"] for h in state.history if "val/val_loss" in h), None)
     extra = {"stage": "uptrain", "trainable": cfg.train.trainable, "best_val_loss": state.best_val,
              "initial_val_loss": first_val, "steps": state.step, "best_step": state.best_step,

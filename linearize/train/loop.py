@@ -11,6 +11,12 @@ uninterrupted one would have. Checkpoints hold only the trainable parameters (th
 the optimizer, the scheduler, RNG states and the :class:`TrainState`; each is written into a
 temporary directory that is renamed into place, and ``latest`` is switched last, so a crash
 mid-write leaves the previous checkpoint as the latest.
+
+Under FSDP (``accelerate launch`` with a ``distributed_type: FSDP`` config) ``prepare`` shards
+the model in place: its parameters become DTensors holding each process's shard. Reading them
+whole (best weights, checkpoints) is then a collective every process joins, and the checkpoint
+holds the gathered, unsharded tensors and optimizer state, written by the main process in the
+same files as without FSDP (the optimizer state keyed by parameter name instead of index).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Optional, Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -83,6 +90,58 @@ def average_gradients(params: list[Tensor], accelerator: Accelerator) -> None:
     flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")
     for p, part in zip(params, flat.split([g.numel() for g in grads])):
         p.grad = part.view_as(p).to(p.dtype)
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether ``accelerator.prepare`` shards the model (FSDP)."""
+    return getattr(accelerator, "distributed_type", None) == DistributedType.FSDP
+
+
+def _full_options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def _optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch one
+
+
+def gathered_trainable(model: nn.Module, accelerator) -> dict[str, Tensor]:
+    """:func:`trainable_state` on the main process, ``{}`` on the others. Under FSDP the shards
+    are gathered: every process must call it."""
+    if is_sharded(accelerator):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full = get_model_state_dict(model, options=_full_options(cpu_offload=True))  # main only
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        return {n: full[n] for n in names} if accelerator.is_main_process else {}
+    return trainable_state(model) if accelerator.is_main_process else {}
+
+
+def gathered_optimizer_state(model: nn.Module, optimizer, accelerator) -> dict:
+    """The optimizer's state dict (under FSDP gathered whole onto the main process, keyed by
+    parameter name; every process must call it)."""
+    if is_sharded(accelerator):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, _optimizer(optimizer), options=_full_options(cpu_offload=True))
+    return optimizer.state_dict() if accelerator.is_main_process else {}
+
+
+def load_trainable(model: nn.Module, tensors: dict[str, Tensor], accelerator) -> None:
+    """:func:`load_trainable_state`; under FSDP each process keeps its shard of ``tensors``."""
+    if not is_sharded(accelerator):
+        load_trainable_state(model, tensors)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    unknown = [n for n in tensors if n not in params]
+    if missing or unknown:
+        raise ValueError(f"checkpoint does not fit the model: missing {missing[:3]}, unknown {unknown[:3]}")
+    set_model_state_dict(model, tensors, options=_full_options(strict=False))
 
 
 @dataclass
@@ -211,13 +270,18 @@ def save_file_atomic(tensors: dict[str, Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: TrainState) -> Path:
+def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: TrainState, *,
+                    tensors: Optional[dict] = None, optimizer_state: Optional[dict] = None) -> Path:  # fmt: skip
+    """Write a checkpoint (one writer). ``tensors`` and ``optimizer_state``, when given, are what
+    to write for the model and optimizer (gathered under FSDP); by default they are read here."""
     name = f"step-{state.step:07d}"
+    tensors = trainable_state(model) if tensors is None else tensors
+    optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
 
     def write(tmp: Path) -> None:
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        save_file(tensors, tmp / "trainable.safetensors")
         torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+            {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_state()},
             tmp / "training_state.pt",
         )
         (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=1))
@@ -253,8 +317,9 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore a checkpoint; nothing in it is unpickled beyond tensors and plain containers."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator=None) -> TrainState:
+    """Restore a checkpoint; nothing in it is unpickled beyond tensors and plain containers.
+    Under FSDP (``accelerator`` given, model prepared) every process restores its shards."""
     name = path / "trainable.safetensors"
     try:
         tensors = load_file(name)
@@ -267,8 +332,13 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
             f"checkpoint file {str(name)!r} is damaged ({type(err).__name__}: {err}); restore it, or "
             f"delete {path.parent} (or set run.resume=false) to start over"
         ) from err
-    load_trainable_state(model, tensors)
-    optimizer.load_state_dict(extra["optimizer"])
+    load_trainable(model, tensors, accelerator)
+    if is_sharded(accelerator):
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, _optimizer(optimizer), extra["optimizer"], options=_full_options())
+    else:
+        optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     _set_rng_state(extra["rng"])
     return state
@@ -293,19 +363,30 @@ def train(
     state = TrainState(total_steps=total)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(cfg, optimizer, total)
-    ckpt = latest_checkpoint(out_dir) if resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
-        state.total_steps = total  # this run's plan: a resume may extend train.max_steps
-        log.info("resumed from %s at step %d of %d", ckpt, state.step, state.total_steps)
-    elif resume:
-        log.info("run.resume=true but %s holds no checkpoint; starting fresh", out_dir)
     in_pieces = backpropagates_itself(objective)
+    sharded = is_sharded(accelerator)
+    if in_pieces and sharded:
+        raise ValueError(
+            "stage 1 (transfer) backpropagates layer by layer and averages gradients itself; it does "
+            "not run under FSDP. Launch it with configs/accelerate/ddp.yaml"
+        )
     if in_pieces:
         wrapped, optimizer = model, accelerator.prepare(optimizer)
         broadcast_parameters(params, accelerator)
     else:
         wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:  # FSDP replaced the parameters (in place, same names) by sharded ones
+        params = [p for p in model.parameters() if p.requires_grad]
+        kinds = sorted({type(p).__name__ for p in params})
+        log.info("FSDP: %s sharded over %d processes (parameters: %s)", type(wrapped).__name__, world, ", ".join(kinds))
+    # Restored after prepare: under FSDP each process then loads only its shards.
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler, accelerator)
+        state.total_steps = total  # this run's plan: a resume may extend train.max_steps
+        log.info("resumed from %s at step %d of %d", ckpt, state.step, state.total_steps)
+    elif resume:
+        log.info("run.resume=true but %s holds no checkpoint; starting fresh", out_dir)
     val_batches = validation_batches(val_split, cfg, seed, accelerator)
     main = accelerator.is_main_process
 
@@ -346,6 +427,10 @@ def train(
         if in_pieces:
             average_gradients(params, accelerator)
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        if grad_norm is None and sharded:  # accelerate clips under FSDP only when every parameter trains
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor (FSDP)
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if cfg.scheduler != "plateau":
@@ -366,8 +451,9 @@ def train(
             if val["val_loss"] < state.best_val:
                 state.best_val, state.best_step = val["val_loss"], state.step
                 state.evals_without_improvement = 0
+                best_tensors = gathered_trainable(model, accelerator)  # every process (FSDP gathers)
                 if main:
-                    save_file_atomic(trainable_state(model), out_dir / "best.safetensors")
+                    save_file_atomic(best_tensors, out_dir / "best.safetensors")
             else:
                 state.evals_without_improvement += 1
             patience = cfg.early_stop_patience
@@ -379,11 +465,15 @@ def train(
         if tracker is not None:
             tracker.log(record, state.step)
         if state.step % cfg.eval_every == 0 or state.step == state.total_steps or state.stopped_early:
+            tensors = gathered_trainable(model, accelerator)  # every process (FSDP gathers)
+            optimizer_state = gathered_optimizer_state(model, optimizer, accelerator)
             if main:
-                save_checkpoint(out_dir, model, optimizer, scheduler, state)
+                save_checkpoint(out_dir, model, optimizer, scheduler, state, tensors=tensors,
+                                optimizer_state=optimizer_state)  # fmt: skip
             accelerator.wait_for_everyone()
     bar.close()
     best = out_dir / "best.safetensors"
+    accelerator.wait_for_everyone()  # the main process wrote it
     if best.is_file():
-        load_trainable_state(model, load_file(best))
+        load_trainable(model, load_file(best), accelerator)
     return state
