@@ -463,7 +463,7 @@ def _gated_state(state: GatedState | None, q: Tensor, v: Tensor) -> Tensor:
     return state.S.to(q.dtype)
 
 
-_GROUP_ELEMENTS = 1 << 24  # per temporary of the per-feature in-block term (64 MiB in fp32)
+_MAX_BLOCK_DECAY = 30.0  # a per-feature block whose gates sum to less than -this takes the slow form
 
 
 def _decay_matrix(cum: Tensor, causal: Tensor) -> Tensor:
@@ -511,11 +511,11 @@ def gated_attn_chunked(
     block's start.
 
     Inside a block: the causal, decayed q.k products. Per-head gates give one decay per
-    (query, key) pair, for all blocks in one product. Per-feature gates need one per pair and
-    feature: those exps are the cost (T (c + 1) F / 2 of them), so blocks are at most 16 tokens,
-    only the pairs j <= i are computed, and blocks go in groups of bounded memory. Across
-    blocks: each block's kᵀv decayed to its end, carried by a scan over the blocks' states.
-    Every exponent used is a sum of g over a span (<= 0), so nothing overflows.
+    (query, key) pair. Per-feature gates factor as e^(G_i - G_j) = e^G_i e^-G_j (G from the
+    block's start), one product for every block, while no block's gates sum below -30, so that
+    e^-G_j <= e^30 stays finite in fp32; past that, one exp per pair and feature, block by
+    block (slow). Across blocks: each block's kᵀv decayed to its end, carried by a scan over
+    the blocks' states. Every other exponent is a sum of g over a span (<= 0).
 
     Args: as `gated_attn_quadratic`, plus
         chunk_size: tokens per block (>= 1); T need not divide by it.
@@ -529,28 +529,27 @@ def gated_attn_chunked(
     dtype, h, t = v.dtype, q.shape[1], q.shape[2]
     g = _gate(g, k, v, h)
     q, k, v = _up(h, v, q, k, v)
-    per_head = g.shape[-1] == 1
-    c = min(chunk_size if per_head else min(chunk_size, 16), t) or 1
+    c = min(chunk_size, t) or 1
     n = -(-t // c)
     qb, kb, vb, gb = (_block_rows(x, n, c, 0) for x in (q, k, v, g))  # padding: zero keys, no decay
     cum = gb.cumsum(3)  # (B, H, n, c, F|1): log decay from the block start through each token
-    if per_head:  # one decay per (query, key) pair
-        causal = _distance(c, c, 0, q.device) >= 0
+    causal = _distance(c, c, 0, q.device) >= 0
+    q_decayed = qb * cum.exp()  # queries decayed to their block's start
+    if g.shape[-1] == 1:  # per head: one decay per (query, key) pair
         a = (qb @ kb.mT) * (cum[..., :, None, 0] - cum[..., None, :, 0]).masked_fill(~causal, float("-inf")).exp()
-    else:  # only the c (c + 1) / 2 pairs j <= i, whose exponents are all <= 0, in groups of blocks
-        i, j = torch.tril_indices(c, c, device=q.device)
-        per_block = qb.shape[0] * h * len(i) * qb.shape[-1]
-        pairs = torch.cat([
-            (qg[..., i, :] * kg[..., j, :] * (cg[..., i, :] - cg[..., j, :]).exp()).sum(-1)
-            for qg, kg, cg in zip(*(x.split(max(1, _GROUP_ELEMENTS // per_block), 2) for x in (qb, kb, cum)))
-        ], 2)  # fmt: skip  # (B, H, n, c (c + 1) / 2)
-        a = pairs.new_zeros(*pairs.shape[:3], c * c).index_copy(3, i * c + j, pairs).unflatten(3, (c, c))
+    elif (cum[:, :, :, -1] > -_MAX_BLOCK_DECAY).all():  # e^(G_i - G_j) = e^G_i e^-G_j, e^-G_j <= e^30
+        a = (q_decayed @ (kb * (-cum).exp()).mT).masked_fill(~causal, 0.0)
+    else:  # a block decays by more than e^-30: one exp per pair and feature, block by block
+        a = torch.stack([
+            (qj[:, :, :, None] * kj[:, :, None] * _decay_matrix(cj, causal)).sum(-1)
+            for qj, kj, cj in zip(qb.unbind(2), kb.unbind(2), cum.unbind(2))
+        ], 2)  # fmt: skip
     last = cum[:, :, :, -1:]  # (B, H, n, 1, F|1): log decay over each whole block
     kv = (kb * (last - cum).exp()).mT @ vb  # (B, H, n, F, D): each block's kᵀv at its end
     starts = [_gated_state(initial_state, q, v)]  # the state where each block starts, then the final one
     for decay_j, kv_j in zip(last.mT.exp().unbind(2), kv.unbind(2)):
         starts.append(decay_j * starts[-1] + kv_j)
-    y = scale * (a @ vb + (qb * cum.exp()) @ torch.stack(starts[:n], 2))  # (B, H, n, c, D)
+    y = scale * (a @ vb + q_decayed @ torch.stack(starts[:n], 2))  # (B, H, n, c, D)
     y = y.flatten(2, 3)[:, :, :t].to(dtype)
     return (y, GatedState(starts[n])) if output_final_state else y
 
