@@ -10,7 +10,9 @@ steps of --batch x --grad-accum rows of --seq-len tokens) and the same evaluatio
 ARC-c, HellaSwag, WinoGrande 0-shot on the first --limit items, MMLU 5-shot on --mmlu-limit
 questions per subject, WikiText-2 perplexity on --ppl-tokens tokens. The runs resume: rerun the
 same command after an interruption and finished stages are skipped (a row's wall time adds up
-over its runs). At the end the table is written as markdown, json and a PNG chart.
+over its runs). At the end the table is written as markdown, json and a PNG chart. With --rows a
+subset and --json an existing table of the same budget, the rows not run keep their figures from
+that file, so one row can be rerun after a change without rerunning the others.
 """
 
 from __future__ import annotations
@@ -181,18 +183,42 @@ def chart(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# the options that make the figures (where they are written to does not)
+BUDGET_KEYS = ("steps", "batch", "grad_accum", "seq_len", "max_examples", "limit", "mmlu_limit", "ppl_tokens",
+               "eval_batch", "extra")  # fmt: skip
+
+
+def budget_of(args) -> dict:
+    return {k: getattr(args, k) for k in BUDGET_KEYS}
+
+
+def merge(figures: list[dict], path: Path | None, args) -> list[dict]:
+    """figures, plus the rows not run now taken from the table at path, in the order of ROWS.
+
+    Refuses a table made under another budget: its rows would not be comparable to the new ones.
+    """
+    if path is None or not path.is_file() or set(args.rows) == {r.name for r in ROWS}:
+        return figures
+    old = json.loads(path.read_text())
+    theirs = {k: old["budget"].get(k) for k in BUDGET_KEYS}
+    if theirs != budget_of(args):
+        sys.exit(f"{path} was made under another budget ({theirs}) than this run ({budget_of(args)}); "
+                 "write this table elsewhere (--json/--markdown/--png) or run every row")  # fmt: skip
+    by_name = {r["name"]: r for r in old["rows"]} | {r["name"]: r for r in figures}
+    return [by_name[r.name] for r in ROWS if r.name in by_name]
+
+
 def main() -> None:
     args = parse_args()
     rows = [r for r in ROWS if r.name in args.rows]
     failed = [row.name for row in rows if not run_row(row, args)]  # a failed row does not stop the others
-    figures = [collect(row, args) for row in rows if row.name not in failed]
+    figures = merge([collect(row, args) for row in rows if row.name not in failed], args.json, args)
     text = table(figures)
     print(text)
     if args.markdown:
         args.markdown.write_text(text)
     if args.json:
-        meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        args.json.write_text(json.dumps({"budget": meta, "rows": figures}, indent=1))
+        args.json.write_text(json.dumps({"budget": budget_of(args), "rows": figures}, indent=1))
     if args.png:
         chart(figures, args.png)
     if failed:

@@ -49,3 +49,21 @@ def test_table_shares_and_columns():
     assert cells[:5] == ["lolcats", "30,720", "10.0", "0.0123", "90.00"]
     assert cells[-2:] == ["0.300", "75.0%"]  # 0.3 of the teacher's 0.4
     assert cells[6] == "–"  # a task the run did not score
+
+
+def test_rerunning_one_row_keeps_the_others_from_a_table_of_the_same_budget(tmp_path):
+    table = tmp_path / "table.json"
+    full = rs.parse_args(["--out", str(tmp_path), "--json", str(table)])
+    old = [{"name": n, "label": n, "scores": {"average": 0.1}} for n in ("supra-transfer", "teacher", "liger")]
+    table.write_text(rs.json.dumps({"budget": rs.budget_of(full), "rows": old}))
+
+    one = rs.parse_args(["--out", str(tmp_path), "--json", str(table), "--rows", "liger"])
+    new = {"name": "liger", "label": "liger", "scores": {"average": 0.2}}
+    merged = rs.merge([new], table, one)
+    assert [r["name"] for r in merged] == ["teacher", "liger", "supra-transfer"]  # the order of ROWS
+    assert merged[1] is new  # the row run now replaces the old one
+
+    assert rs.merge([new], table, full) == [new]  # every row run: nothing taken from the old table
+    other = rs.parse_args(["--out", str(tmp_path), "--json", str(table), "--rows", "liger", "--steps", "8"])
+    with pytest.raises(SystemExit, match="another budget"):
+        rs.merge([new], table, other)
