@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.conftest import ROOT, data_root
+
+pytestmark = pytest.mark.slow  # subprocesses
 
 TINY = ["model=tiny-llama", "data.max_examples=120", "data.seq_len=64", "data.val_fraction=0.1"]
 
