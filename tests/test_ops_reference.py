@@ -396,6 +396,27 @@ def test_gated_chunked_strong_decay_stays_finite(gate):
     assert_close("final state", got_final.S, final.S)
 
 
+def test_gated_chunked_far_decaying_blocks_are_redone_exactly():
+    """Per-feature gates, mild everywhere but strong (down to -150 a token) in one head over
+    tokens 40-71: those blocks' cumulative decay passes e^-30, where the factorised product
+    e^G_i e^-G_j is clamped (unclamped, e^-G_j overflows even fp64), so they are recomputed
+    pair by pair; the others are not. Forward and gradients against the quadratic form, fp64."""
+    x = {n: v.detach().double() for n, v in _gated_inputs(100, "mha", "feature").items()}
+    g = x["g"].clone()
+    g[:, 1, 40:72] = -150 * torch.rand_like(g[:, 1, 40:72])
+    x["g"] = g
+    assert g[:, 1, 48:64].sum(1).max() < -710  # the 16-token block from 48: e^710 overflows fp64
+    assert g[:, 0, :96].unflatten(1, (6, 16)).sum(2).min() > -30  # head 0's blocks are not
+    x = {n: v.requires_grad_() for n, v in x.items()}
+    want = ref.gated_attn_quadratic(**x, scale=0.5)
+    got = ref.gated_attn_chunked(**x, scale=0.5, chunk_size=64)
+    assert_close("chunked", got, want)
+    cot = torch.randn_like(want)
+    for (name, gw), gg in zip(x.items(), torch.autograd.grad(got, list(x.values()), cot)):
+        (ww,) = torch.autograd.grad(want, gw, cot, retain_graph=True)
+        assert_close(f"grad {name}", gg, ww)
+
+
 def test_gqa_equals_pre_expanded():
     lin = {n: v.detach() for n, v in _linear_inputs(37, "gqa").items()}
     win = {n: v.detach() for n, v in _window_inputs(37, "gqa").items()}

@@ -463,7 +463,9 @@ def _gated_state(state: GatedState | None, q: Tensor, v: Tensor) -> Tensor:
     return state.S.to(q.dtype)
 
 
-_MAX_BLOCK_DECAY = 30.0  # a per-feature block whose gates sum to less than -this takes the slow form
+_FEATURE_BLOCK = 16  # tokens per block with per-feature gates: short enough that e^-G rarely passes e^30
+_MAX_BLOCK_DECAY = 30.0  # a per-feature block whose |G| passes this takes the exact (slow) form
+_EXACT_GROUP = 4096  # blocks per group in that form: 4096 x 16 x 16 x F floats at most at a time
 
 
 def _decay_matrix(cum: Tensor, causal: Tensor) -> Tensor:
@@ -512,10 +514,10 @@ def gated_attn_chunked(
 
     Inside a block: the causal, decayed q.k products. Per-head gates give one decay per
     (query, key) pair. Per-feature gates factor as e^(G_i - G_j) = e^G_i e^-G_j (G from the
-    block's start), one product for every block, while no block's gates sum below -30, so that
-    e^-G_j <= e^30 stays finite in fp32; past that, one exp per pair and feature, block by
-    block (slow). Across blocks: each block's kᵀv decayed to its end, carried by a scan over
-    the blocks' states. Every other exponent is a sum of g over a span (<= 0).
+    block's start) in one product for every block; blocks are then at most 16 tokens so that
+    |G| <= 30 (e^30 is safe in fp32) nearly always, and the few blocks past that are redone
+    exactly, one exp per pair and feature. Across blocks: each block's kᵀv decayed to its end,
+    carried by a scan over the blocks' states. Every other exponent is a sum of g over a span.
 
     Args: as `gated_attn_quadratic`, plus
         chunk_size: tokens per block (>= 1); T need not divide by it.
@@ -529,21 +531,25 @@ def gated_attn_chunked(
     dtype, h, t = v.dtype, q.shape[1], q.shape[2]
     g = _gate(g, k, v, h)
     q, k, v = _up(h, v, q, k, v)
-    c = min(chunk_size, t) or 1
+    per_head = g.shape[-1] == 1
+    c = min(chunk_size if per_head else min(chunk_size, _FEATURE_BLOCK), t) or 1
     n = -(-t // c)
     qb, kb, vb, gb = (_block_rows(x, n, c, 0) for x in (q, k, v, g))  # padding: zero keys, no decay
     cum = gb.cumsum(3)  # (B, H, n, c, F|1): log decay from the block start through each token
     causal = _distance(c, c, 0, q.device) >= 0
     q_decayed = qb * cum.exp()  # queries decayed to their block's start
-    if g.shape[-1] == 1:  # per head: one decay per (query, key) pair
+    if per_head:  # one decay per (query, key) pair
         a = (qb @ kb.mT) * (cum[..., :, None, 0] - cum[..., None, :, 0]).masked_fill(~causal, float("-inf")).exp()
-    elif (cum[:, :, :, -1] > -_MAX_BLOCK_DECAY).all():  # e^(G_i - G_j) = e^G_i e^-G_j, e^-G_j <= e^30
-        a = (q_decayed @ (kb * (-cum).exp()).mT).masked_fill(~causal, 0.0)
-    else:  # a block decays by more than e^-30: one exp per pair and feature, block by block
-        a = torch.stack([
-            (qj[:, :, :, None] * kj[:, :, None] * _decay_matrix(cj, causal)).sum(-1)
-            for qj, kj, cj in zip(qb.unbind(2), kb.unbind(2), cum.unbind(2))
-        ], 2)  # fmt: skip
+    else:  # e^(G_i - G_j) = e^G_i e^-G_j, exact while |G| <= 30 (clamped past it, those blocks redone)
+        k_undecayed = kb * (-cum).clamp(max=_MAX_BLOCK_DECAY).exp()
+        a = (q_decayed @ k_undecayed.mT).masked_fill(~causal, 0.0)
+        far = (cum.abs().amax((-2, -1)) > _MAX_BLOCK_DECAY).nonzero(as_tuple=True)  # (b, h, block) indices
+        if far[0].numel():
+            exact = torch.cat([
+                (qj[:, :, None] * kj[:, None] * _decay_matrix(cj[None], causal)[0]).sum(-1)
+                for qj, kj, cj in zip(*(x[far].split(_EXACT_GROUP) for x in (qb, kb, cum)))
+            ])  # fmt: skip
+            a = a.index_put(far, exact)
     last = cum[:, :, :, -1:]  # (B, H, n, 1, F|1): log decay over each whole block
     kv = (kb * (last - cum).exp()).mT @ vb  # (B, H, n, F, D): each block's kᵀv at its end
     starts = [_gated_state(initial_state, q, v)]  # the state where each block starts, then the final one
