@@ -2,7 +2,7 @@
 # make test   : the whole suite CI runs (unit + integration on the real SmolLM2 teacher)
 # make test-fast : unit tests only (seconds), for the inner loop
 # make demo   : stage-1 transfer on the embedded SmolLM2 teacher, a few minutes on 2 CPU cores
-# make reproduce-small : the docs/results.md table (every variant on SmolLM2-135M, ~2.5 h on 2 CPU cores)
+# make reproduce-small : the docs/results.md table (every variant on SmolLM2-135M, ~2 h on 2 CPU cores)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
