@@ -33,7 +33,7 @@ def test_help_lists_groups_and_options():
         "adapter: dora, fourierft, lora, olora, pissa, vera",
         "attention: elu, hedgehog, liger, lolcats, relu, softmax, supra, t2r",
         "data: alpaca-clean, alpaca-local, text",
-        "accelerate: ddp, fsdp, multinode, single",
+        "accelerate: ddp, fsdp, fsdp-cpu, multinode, single",
         "recipe: liger, lolcats, supra",
     ):
         assert line in out.stdout
