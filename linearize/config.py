@@ -2,9 +2,9 @@
 
 Every yaml file under ``configs/`` is merged onto one of these dataclasses, so a key that does
 not exist or a value of the wrong type fails while Hydra composes the config. Value checks that
-need more than a type (ranges, names, combinations) live in each ``__post_init__`` and run in
-:func:`validate`, which turns the composed ``DictConfig`` into these objects before any model
-or data is touched.
+need more than a type (finite floats, ranges, names, combinations) live in each
+``__post_init__`` and run in :func:`validate`, which turns the composed ``DictConfig`` into these
+objects before any model or data is touched.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ DATA_FORMATS = ("alpaca", "text")
 WANDB_MODES = ("disabled", "offline", "online")
 SCHEDULERS = ("plateau", "cosine", "constant")
 BACKENDS = ("auto", "reference", "triton")
+SEED_LIMIT = 2**43
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -41,12 +42,56 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{key}={value!r} is not one of {', '.join(choices)}.{hint}")
 
 
-def _positive(key: str, value: float | int | None, *, allow_zero: bool = False) -> None:
+def _positive(
+    key: str, value: float | int | None, *, allow_zero: bool = False, example: Any = 1
+) -> None:
     if value is None:
         return
-    if value < 0 or (value == 0 and not allow_zero):
+    if not (value > 0 or (allow_zero and value == 0)):  # written so that NaN fails too
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{key}={value} must be {bound}; set it on the command line, e.g. {key}=1")
+        raise ValueError(
+            f"{key}={value} must be {bound}; set it on the command line, e.g. {key}={example}"
+        )
+
+
+def _fraction(
+    key: str, value: float, example: float, *, low_open: bool = True, high_open: bool = True
+) -> None:
+    """``value`` must lie in the interval from 0 to 1, open or closed at either end."""
+    if not ((value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)):
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise ValueError(
+            f"{key}={value} must lie in {interval}; set it on the command line, e.g. {key}={example}"
+        )
+
+
+def _finite(key: str, value: Any, example: Any = None) -> None:
+    """NaN and ±inf fail here, in every float of a config section (its fields and the numbers in
+    its free-form mappings and lists). NaN passes every range check: all its comparisons are false.
+    A new float field is covered without code."""
+    if hasattr(value, "__dataclass_fields__"):  # a section: each field, its default the example
+        for name in value.__dataclass_fields__:
+            _finite(f"{key}.{name}", getattr(value, name), getattr(type(value), name, None))
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _finite(f"{key}.{name}", item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _finite(key, item)
+    elif isinstance(value, float) and not abs(value) < float("inf"):  # false for NaN and ±inf
+        known = isinstance(example, (int, float))
+        fix = f"set it on the command line, e.g. {key}={example}" if known else "set a finite one"
+        raise ValueError(f"{key}={value} must be a finite number; {fix}")
+
+
+def _number(key: str, value: Any, example: Any, *, whole: bool = False) -> None:
+    """A number in a free-form mapping (``adapter.options``), which OmegaConf does not type."""
+    kinds = int if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "a whole number" if whole else "a number"
+        raise ValueError(
+            f"{key}={value!r} must be {kind}; set it on the command line, e.g. {key}={example}"
+        )
 
 
 @dataclass
@@ -72,6 +117,7 @@ class ModelConfig:
     """Dtype the teacher is held in."""
 
     def __post_init__(self) -> None:
+        _finite("model", self)  # the floats of model.architecture (rope_theta, rms_norm_eps, …)
         _choice("model.init", self.init, ("pretrained", "random"))
         _choice("model.family", self.family, FAMILIES)
         _choice("model.dtype", self.dtype, DTYPES)
@@ -120,6 +166,7 @@ class AttentionConfig:
     """Implementation of the attention math: ``auto``, ``reference`` (PyTorch) or ``triton``."""
 
     def __post_init__(self) -> None:
+        _finite("attention", self)
         _choice("attention.kind", self.kind, ATTENTION_KINDS)
         _choice("attention.feature_map", self.feature_map, FEATURE_MAPS)
         _positive("attention.feature_dim", self.feature_dim)
@@ -128,13 +175,13 @@ class AttentionConfig:
         _positive("attention.keep_softmax", self.keep_softmax, allow_zero=True)
         _positive("attention.gate_normalizer", self.gate_normalizer)
         _positive("attention.eps", self.eps)
-        if not 0.0 <= self.mix <= 1.0:
-            raise ValueError(f"attention.mix={self.mix} must lie in [0, 1]")
+        _fraction("attention.mix", self.mix, 0.5, low_open=False, high_open=False)
         _choice("attention.backend", self.backend, BACKENDS)
         _choice("attention.decay", self.decay, DECAYS)
         if any(i < 0 for i in self.softmax_layers):
             raise ValueError(
-                f"attention.softmax_layers={self.softmax_layers} holds a negative layer index"
+                f"attention.softmax_layers={self.softmax_layers} holds a negative layer index; "
+                "layers count from 0, e.g. attention.softmax_layers=[0,1]"
             )
 
 
@@ -164,11 +211,16 @@ class DataConfig:
     """Append the tokenizer's EOS token after each example before packing."""
 
     def __post_init__(self) -> None:
+        _finite("data", self)
         _choice("data.format", self.format, DATA_FORMATS)
-        _positive("data.seq_len", self.seq_len)
+        _positive("data.seq_len", self.seq_len, example=1024)
+        if self.seq_len < 2:  # the next-token loss predicts position t + 1 from position t
+            raise ValueError(
+                f"data.seq_len={self.seq_len} must be >= 2: a row of one token has no next token "
+                "to predict; set it on the command line, e.g. data.seq_len=1024"
+            )
         _positive("data.max_examples", self.max_examples)
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={self.val_fraction} must lie in (0, 1)")
+        _fraction("data.val_fraction", self.val_fraction, 0.02)
         if not self.files and not self.hub:
             raise ValueError(
                 f"data '{self.name}' names neither data.files nor data.hub; "
@@ -203,14 +255,18 @@ class TrainConfig:
     parameters (plus the projections), or ``all`` (SUPRA's full uptraining)."""
 
     def __post_init__(self) -> None:
-        _positive("train.lr", self.lr)
-        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        _finite("train", self)
+        _positive("train.lr", self.lr, example=1e-3)
+        _positive("train.weight_decay", self.weight_decay, allow_zero=True, example=0.0)
         _positive("train.batch_size", self.batch_size)
         _positive("train.grad_accum", self.grad_accum)
         _positive("train.epochs", self.epochs)
         _positive("train.max_steps", self.max_steps)
         _positive("train.max_grad_norm", self.max_grad_norm)
         _choice("train.scheduler", self.scheduler, SCHEDULERS)
+        # ReduceLROnPlateau: factor >= 1 raises there; factor <= 0 sends the lr to 0 at once.
+        _fraction("train.plateau_factor", self.plateau_factor, 0.1)
+        _positive("train.plateau_patience", self.plateau_patience, allow_zero=True, example=10)
         _positive("train.eval_every", self.eval_every)
         _positive("train.eval_batches", self.eval_batches)
         _positive("train.early_stop_patience", self.early_stop_patience)
@@ -233,9 +289,17 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if not self.target_modules:
             raise ValueError("adapter.target_modules is empty; name the modules to adapt, e.g. [q_proj,v_proj]")
-        for key in ("r", "lora_alpha", "n_frequency"):
+        _finite("adapter", self)
+        for key, example in (("r", 8), ("lora_alpha", 16), ("n_frequency", 1000)):
             if key in self.options:
-                _positive(f"adapter.options.{key}", self.options[key])
+                value, whole = self.options[key], key != "lora_alpha"  # peft sizes are ints
+                _number(f"adapter.options.{key}", value, example, whole=whole)
+                _positive(f"adapter.options.{key}", value, example=example)
+        for key, value in self.options.items():
+            if key.endswith("dropout"):  # lora_dropout, vera_dropout, rank_dropout, module_dropout
+                _number(f"adapter.options.{key}", value, 0.0)
+                # p = 1 drops every input: the adapter would get no gradient.
+                _fraction(f"adapter.options.{key}", value, 0.0, low_open=False)
 
 
 @dataclass
@@ -256,13 +320,17 @@ class TransferConfig:
     (0: off, the LoLCATs recipe). Costs a T x T matrix per layer."""
 
     def __post_init__(self) -> None:
+        _finite("transfer", self)
         _choice("transfer.mode", self.mode, ("joint", "blockwise"))
         _positive("transfer.block_size", self.block_size)
         _positive("transfer.shard_rows", self.shard_rows)
-        _positive("transfer.mse_weight", self.mse_weight, allow_zero=True)
-        _positive("transfer.xent_weight", self.xent_weight, allow_zero=True)
+        _positive("transfer.mse_weight", self.mse_weight, allow_zero=True, example=1000)
+        _positive("transfer.xent_weight", self.xent_weight, allow_zero=True, example=0)
         if self.mse_weight == 0 and self.xent_weight == 0:
-            raise ValueError("transfer.mse_weight and transfer.xent_weight are both 0: no loss")
+            raise ValueError(
+                "transfer.mse_weight and transfer.xent_weight are both 0: no loss; "
+                "set one on the command line, e.g. transfer.mse_weight=1000"
+            )
 
 
 @dataclass
@@ -302,15 +370,24 @@ class EvalConfig:
     ppl_stride: int = 512
 
     def __post_init__(self) -> None:
+        _finite("eval", self)
         _positive("eval.limit", self.limit)
         for task, limit in self.task_limits.items():
             _positive(f"eval.task_limits.{task}", limit)
         _positive("eval.batch_size", self.batch_size)
         _positive("eval.ppl_tokens", self.ppl_tokens, allow_zero=True)
-        _positive("eval.ppl_seq_len", self.ppl_seq_len)
-        _positive("eval.ppl_stride", self.ppl_stride)
+        _positive("eval.ppl_seq_len", self.ppl_seq_len, example=1024)
+        if self.ppl_seq_len < 2:  # a window's first token has no context: it is never scored
+            raise ValueError(
+                f"eval.ppl_seq_len={self.ppl_seq_len} must be >= 2: a window of one token scores "
+                "nothing; set it on the command line, e.g. eval.ppl_seq_len=1024"
+            )
+        _positive("eval.ppl_stride", self.ppl_stride, example=512)
         if self.ppl_stride > self.ppl_seq_len:
-            raise ValueError(f"eval.ppl_stride={self.ppl_stride} exceeds eval.ppl_seq_len={self.ppl_seq_len}")
+            raise ValueError(
+                f"eval.ppl_stride={self.ppl_stride} exceeds eval.ppl_seq_len={self.ppl_seq_len}; "
+                f"set it on the command line, e.g. eval.ppl_stride={self.ppl_seq_len // 2}"
+            )
 
 
 @dataclass
@@ -321,8 +398,9 @@ class GenerateConfig:
     interactive: bool = False
 
     def __post_init__(self) -> None:
-        _positive("generate.max_new_tokens", self.max_new_tokens)
-        _positive("generate.temperature", self.temperature, allow_zero=True)
+        _finite("generate", self)
+        _positive("generate.max_new_tokens", self.max_new_tokens, example=128)
+        _positive("generate.temperature", self.temperature, allow_zero=True, example=0.7)
 
 
 @dataclass
@@ -335,6 +413,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _choice("run.device", self.device, DEVICES)
+        # torch takes seeds in [-2**63, 2**64); models/swap.py seeds layer i with
+        # seed * 1_000_003 + i, which overflows past about ±2**43. Negative seeds are fine.
+        if abs(self.seed) > SEED_LIMIT:
+            raise ValueError(
+                f"run.seed={self.seed} is out of range: the per-layer seeds derived from it must fit "
+                f"torch's 64-bit seed; use one within ±2**43 = ±{SEED_LIMIT}, e.g. run.seed=0"
+            )
 
 
 @dataclass
@@ -466,19 +551,22 @@ def _check_key(key: str, value: Any, override: str) -> None:
             cls = hint
             continue
         if i < len(parts) - 1:  # under a free-form mapping (model.architecture, adapter.options)
+            _finite(key, value)
             return
-        from omegaconf import OmegaConf
         from omegaconf.errors import ValidationError
 
+        default = next(f.default for f in fields(cls) if f.name == part)
         node = OmegaConf.structured(cls)
         try:
             node[part] = value
         except ValidationError:
-            default = next(f.default for f in fields(cls) if f.name == part)
             if isinstance(default, bool):
                 default = str(default).lower()
             example = f"; e.g. {key}={default}" if default not in (NO_DEFAULT, MISSING, None) else ""
             raise ValueError(f"{override}: {key} takes {_type_word(hint)}, not {value!r}{example}") from None
+        # Hydra parses nan, inf and 1e400 as floats: stop them here, before Hydra makes the run
+        # directory. (Ranges need the whole section; validate() checks them after composing.)
+        _finite(key, value, default)
         return
 
 

@@ -141,7 +141,8 @@ def _config_part() -> str:
         f"{name} = {getattr(config_module, name)!r}"
         for name in ("ATTENTION_KINDS", "DECAYS", "FEATURE_MAPS", "BACKENDS", "FAMILIES")
     )
-    parts = [inspect.getsource(f) for f in (config_module._choice, config_module._positive)]
+    helpers = (config_module._choice, config_module._positive, config_module._fraction, config_module._finite)
+    parts = [inspect.getsource(f) for f in helpers]
     parts.append(inspect.getsource(config_module.AttentionConfig))
     return constants + "\n\n\n" + "\n\n".join(parts)
 
