@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from linearize.config import check_overrides, register_configs, validate
+from linearize.config import check_overrides, register_configs
 from linearize.log import get_logger
 
 log = get_logger("linearize")
@@ -22,16 +22,18 @@ register_configs()
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> None:
     # Imported here so that `--help` and config errors answer without loading torch.
-    from linearize.stages import preflight, run_stage
+    from hydra.core.hydra_config import HydraConfig
 
+    from linearize.stages import checked_config, run_stage
+
+    overrides = list(HydraConfig.get().overrides.task)
     try:
-        config = validate(cfg)
-        preflight(config)
+        config = checked_config(cfg, overrides)
     except Exception as err:  # config, path and data-file errors: the message is the fix
         log.error("%s: %s", type(err).__name__, err)
         sys.exit(2)
     try:
-        run_stage(config, cfg)
+        run_stage(config, cfg, overrides)
     except (ValueError, OSError, FloatingPointError) as err:
         # Bad inputs found while loading (tagged by stages.prepare) and a diverged loss carry
         # their fix in the message; anything else keeps its traceback.

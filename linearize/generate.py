@@ -89,11 +89,12 @@ def run_generate(
     prepared, accelerator=None, tracker=None, *, read: Callable[[str], str] = input, out: TextIO = sys.stdout,
 ) -> Path:  # fmt: skip
     """Load the run's latest converted model and answer ``prompt`` (or prompts read in a loop)."""
+    from linearize.fingerprint import check_chain, converted_source
     from linearize.models.convert import apply_converted
-    from linearize.train.export import latest_stage_dir
 
     cfg = prepared.config
-    source = latest_stage_dir(Path(cfg.run.dir))
+    source = converted_source(Path(cfg.run.dir), "generate")
+    check_chain(source)
     model = apply_converted(prepared.teacher, source, seed=cfg.run.seed).eval()
     log.info("generating with the converted model in %s", source)
     prompts = [cfg.prompt] if cfg.prompt else []

@@ -5,10 +5,11 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import shutil
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
@@ -16,9 +17,21 @@ from transformers import PreTrainedModel
 
 from linearize.config import Config
 from linearize.data import PackedData, local_files, prepare_data
+from linearize.fingerprint import adopt_source, check_chain, converted_source, stage_fingerprint
 from linearize.log import get_logger, process_rank
-from linearize.models.load import (
+from linearize.rundir import (
+    LENGTH_KEYS,
+    RunDirError,
     check_safetensors,
+    differences,
+    has_work,
+    lock_run_dir,
+    shown,
+    stage_status,
+    work_dir,
+    work_fingerprint,
+)
+from linearize.models.load import (
     check_teacher_files,
     describe,
     load_teacher,
@@ -45,16 +58,31 @@ class Prepared:
 
 
 def write_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
-    """The fully resolved config (interpolations filled in) beside the run's outputs."""
+    """The fully resolved config (interpolations filled in) beside the run's outputs: a record of
+    the last training stage run there (nothing reads it back; resumes check fingerprints)."""
     path = run_dir / "config.yaml"
     if process_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        tmp = path.with_name(f".config.yaml.tmp-{os.getpid()}")
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        os.replace(tmp, path)
     return path
 
 
+def checked_config(cfg: DictConfig, overrides: list[str]) -> Config:
+    """The typed config a command line asks for, checked before any model or data loads: values
+    (``validate``), the model and attention of the run a read-only stage reads (``adopt_source``),
+    then :func:`preflight`."""
+    from linearize.config import validate
+
+    config = adopt_source(validate(cfg), overrides)
+    preflight(config)
+    return config
+
+
 def preflight(config: Config) -> None:
-    """Checks that need no model: teacher and tokenizer locations, the device, data files.
+    """Checks that need no model: teacher and tokenizer locations, the device, data files, the
+    values the machine must serve, and what the run dir holds.
 
     Raises:
         FileNotFoundError, ValueError, RuntimeError: naming the bad value and the fix.
@@ -68,27 +96,22 @@ def preflight(config: Config) -> None:
         n_layers = known_layer_count(config)
         if n_layers is not None:
             check_layers(config, n_layers)
-    check_resume(config)
     if config.stage == "eval" or (config.stage == "all" and "eval" in config.pipeline):
         check_eval(config)
     if config.stage in TRAINING_STAGES and config.data.files:
         local_files(config.data, config.data_dir)
     if config.stage == "finetune" and config.finetune.start == "transfer":
-        from linearize.models.convert import read_manifest
-
         try:
-            read_manifest(Path(config.run.dir) / "transfer")
+            check_chain(Path(config.run.dir) / "transfer")
         except FileNotFoundError as err:
             raise FileNotFoundError(
                 f"{err}. stage=finetune starts from stage 1's output: run stage=transfer with "
                 f"run.dir={config.run.dir} first, or set finetune.start=swap to skip transfer"
             ) from None
     if config.stage == "generate":
-        from linearize.train.export import latest_stage_dir
-
         if not config.prompt and not config.generate.interactive:
             raise ValueError('stage=generate needs prompt="..." or generate.interactive=true')
-        latest_stage_dir(Path(config.run.dir))  # raises naming the stage to run
+        check_chain(converted_source(Path(config.run.dir), "generate"))  # raises naming the stage to run
     if config.stage in ("transfer", "uptrain"):
         from linearize.attention import build_mixer
 
@@ -102,6 +125,48 @@ def preflight(config: Config) -> None:
                 f"attention={config.attention.name} has no new parameters, so stage={config.stage} "
                 f"has nothing to train; {fix}"
             )
+    check_values(config)
+    check_run_dir(config)
+
+
+def check_values(config: Config) -> None:
+    """Values the typed config cannot judge alone: what this machine can serve (the Triton
+    backend, wandb), adapter options (peft builds its config), a window covering every position.
+    Needs no model and no run dir; ``stage=all`` runs it for every stage before the first starts.
+    """
+    stage = config.stage
+    a = config.attention
+    if a.backend == "triton" and a.kind != "softmax":
+        from linearize.ops import _triton_unavailable
+
+        why = _triton_unavailable(resolve_device(config.run.device))
+        if why:
+            raise ValueError(f"attention.backend=triton cannot run here: {why}; or set attention.backend=auto")
+    if config.logging.wandb != "disabled":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError(f"logging.wandb={config.logging.wandb} needs the wandb package: pip install wandb, "
+                             "or set logging.wandb=disabled")  # fmt: skip
+        netrc = Path("~/.netrc").expanduser()
+        logged_in = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+        if config.logging.wandb == "online" and not logged_in:
+            raise ValueError(
+                "logging.wandb=online needs a wandb login (WANDB_API_KEY, or `wandb login`) and a network; "
+                "use logging.wandb=offline (sync later) or disabled"
+            )
+    if stage in ("finetune", "all") and (stage == "finetune" or "finetune" in config.pipeline):
+        from linearize.models.convert import peft_config
+
+        peft_config(config.adapter)
+    trains_new = stage == "transfer" or (stage == "uptrain" and config.train.trainable == "new")
+    if trains_new and a.kind in ("window", "gated") and a.window >= config.data.seq_len:
+        raise ValueError(
+            f"attention.window={a.window} covers every position of the data.seq_len={config.data.seq_len} "
+            f"training rows: the hybrid is exact softmax there and the linear part never sees a key, so "
+            f"stage={stage} would learn nothing. Raise data.seq_len above the window (LoLCATs: 1024) or "
+            "lower attention.window"
+        )
 
 
 def swaps_attention(config: Config) -> bool:
@@ -143,12 +208,6 @@ def check_layers(config: Config, n_layers: int) -> None:
         )
 
 
-def _flat(tree: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}.{key}").items()}
-    return {prefix: tree}
-
-
 def checkpoint_roots(out_dir: Path) -> list[Path]:
     """A stage's checkpoint dirs: its own, and blockwise transfer's per block."""
     return [out_dir / "checkpoints", *sorted((out_dir / "blocks").glob("*/checkpoints"))]
@@ -180,33 +239,34 @@ def check_checkpoint(root: Path) -> None:
         raise ValueError(f"the latest checkpoint {str(path)!r} is damaged: {err}; {fix}") from None
 
 
-def check_resume(config: Config) -> None:
-    """With ``run.resume=true`` and something to resume: the run dir was made with the same model
-    (and attention, where the stage swaps it in), and its latest checkpoints are whole."""
-    if not config.run.resume or config.stage not in ("transfer", "finetune", "uptrain"):
+def check_run_dir(config: Config) -> None:
+    """What the run dir holds fits this training stage: a fresh start (``run.resume=false``) finds
+    no earlier work of the stage; a resume finds work made with the same fingerprint (key by key,
+    the run's length aside) and whole checkpoints."""
+    if config.stage not in ("transfer", "finetune", "uptrain"):
         return
     run_dir = Path(config.run.dir)
-    out_dir = run_dir / config.stage
-    roots = checkpoint_roots(out_dir)
-    if not any((root / "latest").is_file() for root in roots) and not (out_dir / "hidden_cache").is_dir():
+    work = work_dir(run_dir, config.stage)
+    if not has_work(work):
         return
-    saved_path = run_dir / "config.yaml"
-    if saved_path.is_file():
-        saved = OmegaConf.to_container(OmegaConf.load(saved_path))
-        sections = ["model", "attention"] if swaps_attention(config) else ["model"]
-        diff = []
-        for section in sections:
-            old, new = _flat(saved.get(section, {}), section), _flat(asdict(getattr(config, section)), section)
-            keys = sorted(old.keys() | new.keys(), key=lambda k: (k.count("."), k))  # name before architecture.*
-            diff += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-        if diff:
-            more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
-            raise ValueError(
-                f"run.resume=true, but run.dir={config.run.dir} was made with another "
-                f"{' or '.join(sections)} ({saved_path}): {'; '.join(diff[:6])}{more}. Resume with the "
-                "settings in that file, or start a new run.dir"
-            )
-    for root in roots:
+    if not config.run.resume:
+        raise RunDirError(
+            f"run.dir={run_dir} already holds an earlier stage={config.stage} run's work ({work}): resume it "
+            f"with run.resume=true, or delete {work} to start stage {config.stage} over (or use another run.dir)"
+        )
+    recorded = work_fingerprint(work)
+    if recorded is None:
+        raise RunDirError(
+            f"{work} records no settings (made by an older linearize), so a resume cannot be checked; "
+            f"delete {work} to start stage {config.stage} over"
+        )
+    diff = differences(recorded, stage_fingerprint(config, config.stage), LENGTH_KEYS)
+    if diff:
+        raise RunDirError(
+            f"run.resume=true, but {work} was made with other settings (the run's -> now): {shown(diff)}. "
+            f"Resume with the run's settings, or delete {work} (or use a new run.dir) to start over with these"
+        )
+    for root in checkpoint_roots(work):
         check_checkpoint(root)
 
 
@@ -291,7 +351,10 @@ def prepare(config: Config, cfg: DictConfig) -> Prepared:
     """Write the resolved config, tokenize the data, load the teacher (data first: it is cheaper
     and a bad data set should fail before the slow model load)."""
     run_dir = Path(config.run.dir)
-    log.info("run dir %s (config: %s)", run_dir, write_resolved_config(cfg, run_dir))
+    if config.stage in TRAINING_STAGES:  # only training stages (and prepare, their dry run) record it
+        log.info("run dir %s (config: %s)", run_dir, write_resolved_config(cfg, run_dir))
+    else:
+        log.info("run dir %s", run_dir)
     needs_data = config.stage in TRAINING_STAGES
     try:
         tokenizer = load_tokenizer(config.model, config.cache_dir)
@@ -344,40 +407,78 @@ def _tracked(prepared: Prepared, stage: str) -> None:
         tracker.finish()
 
 
-def run_all(config: Config, cfg: DictConfig) -> None:
+def run_all(config: Config, cfg: DictConfig, overrides: list[str]) -> None:
     """The stages of ``pipeline`` in order (transfer -> finetune -> export, or a recipe's), each
     composed as if run alone with ``stage=<it>`` (so each gets its own stage defaults) and
-    ``run.resume=true``. A stage whose output exists is skipped; one interrupted inside resumes
-    from its last checkpoint."""
+    ``run.resume=true``; every stage's values are checked before the first one starts.
+
+    A stage is skipped only when its output is whole and made with the fingerprint asked for
+    now (which holds the upstream outputs' fingerprints, so a change upstream reruns every stage
+    after it). Otherwise it runs: from its checkpoints when they were made with the same
+    settings, else from the start, its old work discarded (the log says which keys differ).
+    """
     from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
 
     from linearize.config import validate
-    from linearize.models.convert import MANIFEST
 
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("stage=", "run.resume="))]
+    overrides = [o for o in overrides if not o.startswith(("stage=", "run.resume="))]
     run_dir = Path(config.run.dir)
+    planned = []
     for stage in config.pipeline:
-        done = run_dir / stage / ("report.json" if stage == "eval" else MANIFEST)
-        if done.is_file():
-            log.info("stage=all: %s already done (%s), skipping", stage, run_dir / stage)
-            continue
         sub = compose(config_name="config", overrides=[*overrides, f"stage={stage}", "run.resume=true", f"run.dir={run_dir}"])
         try:
             sub_config = validate(sub)
-            preflight(sub_config)
+            check_values(sub_config)
         except (ValueError, OSError) as err:
             err.bad_input = True  # as in prepare: __main__ shows the message only
             raise
-        log.info("stage=all: running %s", stage)
+        planned.append((stage, sub, sub_config))
+    lock_run_dir(run_dir)
+    for stage, sub, sub_config in planned:
+        try:
+            sub_config = adopt_source(sub_config, overrides)
+            expected = stage_fingerprint(sub_config, stage)
+        except (ValueError, OSError) as err:
+            err.bad_input = True
+            raise
+        done, why = stage_status(run_dir, stage, expected)
+        if done:
+            log.info("stage=all: %s already done with these settings (%s), skipping", stage, run_dir / stage)
+            continue
+        log.info("stage=all: running %s (%s)", stage, why)
+        work = work_dir(run_dir, stage)
+        if has_work(work):
+            try:
+                recorded = work_fingerprint(work)
+            except RunDirError:
+                recorded = None
+            diff = differences(recorded or {}, expected, LENGTH_KEYS) if recorded else ["no readable settings"]
+            if diff:
+                log.warning("stage=all: discarding %s, made with other settings: %s", work, shown(diff))
+                shutil.rmtree(work)
+        try:
+            preflight(sub_config)
+        except (ValueError, OSError) as err:
+            err.bad_input = True
+            raise
         prepared = prepare(sub_config, sub)
         STAGE_RUNNERS[stage](prepared)
 
 
-def run_stage(config: Config, cfg: DictConfig) -> None:
+def run_stage(config: Config, cfg: DictConfig, overrides: Optional[list[str]] = None) -> None:
+    """Run ``config.stage`` holding the run dir's lock (``generate`` only reads: no lock)."""
     if config.stage == "all":
-        run_all(config, cfg)
+        run_all(config, cfg, list(overrides or []))
         return
+    if config.stage != "generate":
+        lock_run_dir(Path(config.run.dir))
+    if config.stage in ("transfer", "finetune", "uptrain", "export", "eval"):
+        try:
+            done, why = stage_status(Path(config.run.dir), config.stage, stage_fingerprint(config, config.stage))
+        except (FileNotFoundError, RunDirError):
+            done, why = False, "no whole output"
+        if not done and why != "no output yet":
+            log.info("stage %s: replacing the output in %s (%s)", config.stage, Path(config.run.dir) / config.stage, why)
     prepared = prepare(config, cfg)
     STAGE_RUNNERS[config.stage](prepared)
     log.info("stage %s done; outputs in %s", config.stage, prepared.run_dir)

@@ -23,7 +23,7 @@ from linearize.stages import check_batches, preflight, write_resolved_config
 from linearize.train import loop
 from tests.conftest import ROOT, build_config, compose_config, data_root
 
-TINY = ("model=tiny-llama", "data.max_examples=60", "data.seq_len=64")
+TINY = ("model=tiny-llama", "data.max_examples=60", "data.seq_len=64", "attention.window=8")
 
 
 def raises(exc, call, *args, **kwargs) -> str:
@@ -222,31 +222,37 @@ def test_finetune_without_stage_1(tmp_path):
     assert "run stage=transfer with run.dir=" in text and "finetune.start=swap" in text
 
 
-def _checkpoint(run_dir: Path, stage: str = "transfer", step: int = 2) -> Path:
-    """A whole checkpoint as the loop writes one, with ``latest`` pointing at it."""
+def _checkpoint(run_dir: Path, stage: str = "transfer", step: int = 2, made: tuple = ()) -> Path:
+    """A whole checkpoint as the loop writes one, with ``latest`` pointing at it, made with the
+    settings of the command line ``made``."""
+    from linearize.fingerprint import stage_fingerprint
+    from linearize.rundir import work_dir
+
     model = nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(model.parameters())
     state = loop.TrainState(step=step, total_steps=4)
-    return loop.save_checkpoint(run_dir / stage, model, optimizer, loop.make_scheduler(TrainConfig(), optimizer, 4), state)
+    fingerprint = stage_fingerprint(build_config(*made), stage)
+    return loop.save_checkpoint(work_dir(run_dir, stage), model, optimizer, loop.make_scheduler(TrainConfig(), optimizer, 4),
+                                state, fingerprint=fingerprint)  # fmt: skip
 
 
 def test_resume_with_another_model_or_attention_shows_the_difference(tmp_path):
-    made = ("stage=transfer", *TINY, f"data_dir={data_root()}", f"run.dir={tmp_path}", "attention.window=8")
-    write_resolved_config(compose_config(*made), tmp_path)
-    _checkpoint(tmp_path)
+    made = ("stage=transfer", *TINY, f"data_dir={data_root()}", f"run.dir={tmp_path}")
+    _checkpoint(tmp_path, made=made)
     preflight(build_config(*made, "run.resume=true"))  # same settings: fine
-    text = raises(ValueError, preflight, build_config(*made[:-1], "run.resume=true", "attention=hedgehog"))
-    assert f"run.resume=true, but run.dir={tmp_path} was made with another model or attention" in text
-    assert "attention.name: 'lolcats' -> 'hedgehog'" in text and "attention.window: 8 -> 0" in text
-    assert "Resume with the settings in that file, or start a new run.dir" in text
+    text = raises(ValueError, preflight, build_config(*made, "run.resume=true", "attention=hedgehog"))
+    assert f"run.resume=true, but {tmp_path}/work/transfer was made with other settings (the run's -> now): " in text
+    assert "attention.kind: 'window' -> 'linear'" in text
+    assert "Resume with the run's settings, or delete" in text
     other = build_config(*made, "run.resume=true", "model.architecture.hidden_size=128")
     assert "model.architecture.hidden_size: 64 -> 128" in raises(ValueError, preflight, other)
-    preflight(build_config(*made, "attention=hedgehog"))  # no resume: a fresh start is asked for
+    text = raises(ValueError, preflight, build_config(*made, "attention=hedgehog"))  # a fresh start over it
+    assert "already holds an earlier stage=transfer run's work" in text
 
 
 def test_corrupt_checkpoint_is_named_not_skipped(tmp_path):
     made = ("stage=transfer", *TINY, f"data_dir={data_root()}", f"run.dir={tmp_path}", "run.resume=true")
-    ckpt = _checkpoint(tmp_path)
+    ckpt = _checkpoint(tmp_path, made=made)
     preflight(build_config(*made))
     (ckpt / "trainable.safetensors").write_bytes(b"garbage" * 10)
     text = raises(ValueError, preflight, build_config(*made))
@@ -376,9 +382,10 @@ def test_cli_empty_data_set_exits_2_before_the_teacher_loads(tmp_path):
 
 @pytest.mark.slow
 def test_cli_corrupt_checkpoint_exits_2_and_keeps_it(tmp_path):
-    ckpt = _checkpoint(tmp_path)
+    made = ("stage=transfer", *TINY, f"data_dir={data_root()}", f"run.dir={tmp_path}", "run.resume=true")
+    ckpt = _checkpoint(tmp_path, made=made)
     (ckpt / "trainable.safetensors").write_bytes(b"\x00" * 100)
-    out = run_cli("stage=transfer", *TINY, f"data_dir={data_root()}", f"run.dir={tmp_path}", "run.resume=true")
+    out = run_cli(*made)
     text = out.stdout + out.stderr
     assert out.returncode == 2, text[-2000:]
     assert f"'{ckpt}/trainable.safetensors' is not a whole safetensors file" in text and "Traceback" not in text

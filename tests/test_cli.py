@@ -82,21 +82,22 @@ def test_missing_data_file_fails_before_model_load(tmp_path):
 def test_transfer_runs_and_resumes_from_the_command_line(tmp_path):
     run_dir = tmp_path / "run"
     args = [
-        "stage=transfer", "model=tiny-llama", "attention=lolcats", "data.max_examples=60",
+        "stage=transfer", "model=tiny-llama", "attention=lolcats", "attention.window=8", "data.max_examples=60",
         "data.seq_len=64", "train.grad_accum=1", "train.eval_every=2", f"run.dir={run_dir}",
         f"data_dir={data_root()}",
     ]  # fmt: skip
     first = run_cli(*args, "train.max_steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
-    out = run_dir / "transfer"
-    for name in ("attention.safetensors", "result.json", "transfer_report.png", "best.safetensors"):
+    out, work = run_dir / "transfer", run_dir / "work" / "transfer"
+    for name in ("attention.safetensors", "result.json", "transfer_report.png", "linearize.json"):
         assert (out / name).is_file(), name
-    assert (out / "checkpoints" / "latest").read_text() == "step-0000002"
+    assert (work / "best.safetensors").is_file()
+    assert (work / "checkpoints" / "latest").read_text() == "step-0000002"
     second = run_cli(*args, "train.max_steps=4", "run.resume=true")
     assert second.returncode == 0, second.stderr[-3000:]
     log = second.stdout + second.stderr
     assert "resumed from" in log and "at step 2 of 4" in log
-    assert (out / "checkpoints" / "latest").read_text() == "step-0000004"
+    assert (work / "checkpoints" / "latest").read_text() == "step-0000004"
 
 
 def test_stage_all_runs_transfer_finetune_export_and_resumes_between_stages(tmp_path):

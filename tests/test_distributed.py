@@ -54,7 +54,8 @@ def _assert_close(two: dict, one: dict) -> None:
 
 
 def _checkpoints(stage_dir: Path) -> list[str]:
-    return sorted(c.name for c in (stage_dir / "checkpoints").glob("step-*"))
+    """The checkpoints of the stage whose output is ``stage_dir`` (they live in run.dir/work/<stage>)."""
+    return sorted(c.name for c in (stage_dir.parent / "work" / stage_dir.name / "checkpoints").glob("step-*"))
 
 
 def test_transfer_two_ranks_equal_one_process(tmp_path):
@@ -105,7 +106,7 @@ def test_blockwise_blocks_spread_over_ranks_match_one_rank(tmp_path):
     assert two.keys() == one.keys()
     for key in one:  # each block trains in one process either way: bit for bit
         assert (two[key] == one[key]).all(), key
-    blocks = sorted((tmp_path / "two" / "transfer" / "blocks").iterdir())
+    blocks = sorted((tmp_path / "two" / "work" / "transfer" / "blocks").iterdir())
     assert [b.name for b in blocks] == ["layers-000-000", "layers-001-001"]
     steps = [json.loads((b / "done.json").read_text())["steps"] for b in blocks]
     assert steps == [2, 2]
@@ -137,7 +138,7 @@ def test_uptrain_all_under_fsdp_two_ranks_equals_one_process_and_resumes(tmp_pat
     _assert_close(trained, {**load_file(one / "model.safetensors"), **load_file(one / "attention.safetensors")})
     assert read_manifest(fsdp)["trainable"] == "all" and read_manifest(fsdp)["steps"] == 3
     assert _checkpoints(fsdp) == ["step-0000003"]
-    ckpt = load_file(fsdp / "checkpoints" / "step-0000003" / "trainable.safetensors")
+    ckpt = load_file(tmp_path / "fsdp" / "work" / "uptrain" / "checkpoints" / "step-0000003" / "trainable.safetensors")
     assert {k: v.shape for k, v in ckpt.items()} == {k: v.shape for k, v in trained.items()}  # gathered, not shards
 
     # every weight of the model moved (train.trainable=all)

@@ -94,7 +94,7 @@ def test_uptrain_resume_is_exact(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_uptrain(crashed, crashed.accelerator)
     monkeypatch.undo()
-    ckpt = tmp_path / "crash" / "uptrain" / "checkpoints"
+    ckpt = tmp_path / "crash" / "work" / "uptrain" / "checkpoints"
     assert (ckpt / "latest").read_text() == "step-0000002"
     resumed = prepared(tmp_path / "crash", "train.trainable=attention", "run.resume=true")
     run_uptrain(resumed, resumed.accelerator)

@@ -9,8 +9,9 @@ from linearize.evaluate.harness import evaluate
 from linearize.evaluate.perplexity import perplexity, wikitext2_text
 from linearize.evaluate.report import compare, write_report
 from linearize.log import get_logger
+from linearize.fingerprint import check_chain, converted_source, stage_fingerprint
 from linearize.models.convert import apply_converted
-from linearize.train.export import latest_stage_dir
+from linearize.rundir import fingerprint_hash, publish, write_manifest
 
 log = get_logger(__name__)
 
@@ -39,13 +40,18 @@ def score(model, tokenizer, cfg) -> dict[str, Any]:
 
 
 def run_eval(prepared, accelerator=None, tracker=None) -> Path:
+    """Score the run's latest converted model (and the teacher); the report appears in
+    ``<run.dir>/eval`` by one rename, its manifest last."""
     cfg = prepared.config
     run_dir = Path(cfg.run.dir)
     try:
-        source = latest_stage_dir(run_dir)
+        source = converted_source(run_dir, "eval")
     except FileNotFoundError:
         source = None
         log.warning("no converted model in %s: scoring the teacher alone", run_dir)
+    else:
+        check_chain(source)
+    fingerprint = stage_fingerprint(cfg, "eval") if source is not None else {"stage": "eval", "teacher_only": True}
     teacher_scores = score(prepared.teacher, prepared.tokenizer, cfg) if cfg.eval.teacher or source is None else None
     converted_scores = None
     if source is not None:
@@ -56,7 +62,12 @@ def run_eval(prepared, accelerator=None, tracker=None) -> Path:
     meta = {"model": cfg.model.name, "converted": str(source) if source else None, "limit": cfg.eval.limit,
             "task_limits": dict(cfg.eval.task_limits), "tasks": list(cfg.eval.tasks),
             "ppl_tokens": cfg.eval.ppl_tokens}  # fmt: skip
-    out_dir = run_dir / "eval"
-    text = write_report(rows, out_dir, title, meta)
-    log.info("evaluation report (%s):\n%s", out_dir, text)
+    written = {}
+
+    def write(tmp: Path) -> None:
+        written["text"] = write_report(rows, tmp, title, meta)
+        write_manifest(tmp, {"stage": "eval", "fingerprint": fingerprint, "fingerprint_hash": fingerprint_hash(fingerprint)})
+
+    out_dir = publish(run_dir, "eval", write)
+    log.info("evaluation report (%s):\n%s", out_dir, written["text"])
     return out_dir

@@ -38,10 +38,11 @@ from linearize.log import get_logger
 from linearize.models.load import file_sha256, load_teacher, load_tokenizer, resolve_source
 from linearize.models.remote import write_remote_code
 from linearize.models.swap import set_mode, swap_attention
+from linearize.rundir import MANIFEST, fingerprint_hash, read_manifest, write_manifest
+
+__all__ = ["MANIFEST", "apply_converted", "build_adapter", "load_converted", "read_manifest", "save_converted"]
 
 log = get_logger(__name__)
-
-MANIFEST = "linearize.json"
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -59,16 +60,31 @@ def teacher_record(cfg: ModelConfig) -> dict[str, Any]:
     return record
 
 
+def peft_config(cfg: AdapterConfig):
+    """The peft config the adapter settings describe (built, so peft checks every option).
+
+    Raises:
+        ValueError: naming the peft class, the options and what peft said.
+    """
+    config_class = getattr(peft, cfg.peft_config, None)
+    if config_class is None or not isinstance(config_class, type):
+        raise ValueError(f"adapter.peft_config={cfg.peft_config!r} is not a config class of peft {peft.__version__}")
+    try:
+        return config_class(task_type="CAUSAL_LM", target_modules=list(cfg.target_modules), **cfg.options)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"adapter={cfg.name}: peft's {cfg.peft_config} rejects adapter.options={dict(cfg.options)} "
+            f"({type(err).__name__}: {err}); fix or drop the option (adapter.options.<key>=...)"
+        ) from None
+
+
 def build_adapter(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> peft.PeftModel:
     """Wrap ``model`` with the configured peft method; only adapter weights stay trainable.
 
     The adapter's random initialisation depends on ``seed`` alone (reruns and every process
     build the same one).
     """
-    config_class = getattr(peft, cfg.peft_config, None)
-    if config_class is None or not isinstance(config_class, type):
-        raise ValueError(f"adapter.peft_config={cfg.peft_config!r} is not a config class of peft {peft.__version__}")
-    config = config_class(task_type="CAUSAL_LM", target_modules=list(cfg.target_modules), **cfg.options)
+    config = peft_config(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return peft.get_peft_model(model, config)
@@ -77,9 +93,14 @@ def build_adapter(model: nn.Module, cfg: AdapterConfig, seed: int = 0) -> peft.P
 def save_converted(
     model: nn.Module, out_dir: Path, *, teacher: ModelConfig, attention: AttentionConfig,
     softmax_layers: list[int], adapter: Optional[AdapterConfig] = None, tokenizer=None,
-    seed: int = 0, extra: Optional[dict] = None,
+    seed: int = 0, extra: Optional[dict] = None, fingerprint: Optional[dict] = None,
+    home: Optional[Path] = None,
 ) -> Path:  # fmt: skip
-    """Write the deltas of ``model`` (a swapped teacher, maybe peft-wrapped) to ``out_dir``."""
+    """Write the deltas of ``model`` (a swapped teacher, maybe peft-wrapped) to ``out_dir``, the
+    manifest last (it lists every file of ``out_dir``, so write any other outputs first).
+    ``fingerprint``: the settings the stage ran with (see :mod:`linearize.fingerprint`).
+    ``home``: for a directory written whole, where it is published: the manifest names it as
+    the teacher (and ``teacher_origin`` the teacher it came from)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plain = base_model(model)
     new = {n: p.detach().cpu().contiguous() for n, p in plain.named_parameters() if ".mixer." in n}
@@ -89,24 +110,21 @@ def save_converted(
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, out_dir / "adapter.safetensors")
     manifest = {
         "format": 1,
-        "teacher": teacher_record(teacher),
+        "teacher": teacher_record(teacher) if home is None else
+        {**asdict(teacher), "path": str(Path(home).resolve()), "init": "pretrained", "tokenizer": None},
+        **({"teacher_origin": asdict(teacher)} if home is not None else {}),
         "teacher_seed": seed,  # what random-init teachers (tests) were built from
         "attention": asdict(replace(attention, softmax_layers=sorted(softmax_layers))),
         "adapter": asdict(adapter) if adapter is not None else None,
         **(extra or {}),
+        "fingerprint": fingerprint or {},
+        "fingerprint_hash": fingerprint_hash(fingerprint or {}),
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     write_remote_code(out_dir, plain.config.to_dict())
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    write_manifest(out_dir, manifest)
     return out_dir
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    manifest = Path(path) / MANIFEST
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{path} is not a converted model directory: it has no {MANIFEST}")
-    return json.loads(manifest.read_text())
 
 
 def full_weight_files(path: Path) -> list[Path]:
@@ -187,8 +205,15 @@ def load_converted(path: str | Path, *, device: str | torch.device = "cpu", cach
     cache = cache_dir or "~/.cache/linearize"
     teacher = load_teacher(cfg, cache_dir=cache, device=torch.device(device), seed=manifest["teacher_seed"])
     model = apply_converted(teacher, Path(path))
-    if (Path(path) / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer_config = Path(path) / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        if "auto_map" in json.loads(tokenizer_config.read_text()):
+            raise ValueError(
+                f"{str(tokenizer_config)!r} names a tokenizer class of its own (auto_map): loading it would "
+                "run code from the directory; linearize writes no such tokenizer. Replace the tokenizer "
+                "files with the teacher's (stage=export writes them)"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     else:
         tokenizer = load_tokenizer(cfg, cache)
     return model, tokenizer

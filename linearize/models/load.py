@@ -7,6 +7,7 @@ dequantized by transformers once and cached as an ordinary safetensors HF direct
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -21,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from linearize.config import FAMILIES, ModelConfig
 from linearize.log import get_logger
+from linearize.rundir import check_safetensors, umask
 
 log = get_logger(__name__)
 
@@ -77,27 +79,6 @@ def resolve_source(spec: str) -> Source:
     return Source("hub", spec)
 
 
-def check_safetensors(path: Path) -> None:
-    """Check that a safetensors file is whole: its header parses and the tensors it describes
-    end exactly at the end of the file. Reads the header only.
-
-    Raises:
-        ValueError: naming the file, for a truncated or corrupt one.
-    """
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if size < 8 or n > size - 8:
-                raise ValueError(f"its header claims {n} bytes but the file has {size}")
-            header = json.loads(f.read(n))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end != size:
-            raise ValueError(f"it has {size} bytes but its header describes {8 + n + end}")
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:  # garbage parses in many ways
-        raise ValueError(f"{str(path)!r} is not a whole safetensors file ({err}): it is truncated or corrupt") from None
-
-
 def check_teacher_files(cfg: ModelConfig) -> None:
     """Checks of a local teacher that need no model load: a ``.gguf`` file starts with the GGUF
     magic; a directory has a ``config.json`` of a supported family (``model.family``) and whole
@@ -149,6 +130,13 @@ def check_teacher_files(cfg: ModelConfig) -> None:
 
 
 def file_sha256(path: Path, prefix: int = 16) -> str:
+    """The sha256 prefix of a file's bytes (remembered per path, size and mtime)."""
+    stat = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, prefix)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int, prefix: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -179,7 +167,7 @@ def cached_gguf_dir(gguf: Path, cache_dir: str | Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary shared directory
+    tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private; the cache is an ordinary directory
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

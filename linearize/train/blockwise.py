@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from linearize.data import Split
 from linearize.log import get_logger
 from linearize.models.swap import set_mode
+from linearize.rundir import honour_umask
 from linearize.train.loop import load_trainable_state, train, validate, validation_batches
 
 log = get_logger(__name__)
@@ -138,6 +139,7 @@ def cache_hidden_states(model: nn.Module, split: Split, starts: list[int], cache
             tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
             try:
                 save_file({f"layer_{s:03d}": torch.cat(captured[s]) for s in starts}, tmp)
+                honour_umask(tmp)
                 os.replace(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -152,8 +154,9 @@ def load_boundary(cache_dir: Path, start: int) -> Tensor:
     return torch.cat([load_file(s)[f"layer_{start:03d}"] for s in shards])
 
 
-def train_blockwise(prepared, model: nn.Module, out_dir: Path, accelerator) -> dict:
-    """Cache, train every block (this process's share), merge; returns the per-layer outcome."""
+def train_blockwise(prepared, model: nn.Module, out_dir: Path, accelerator, fingerprint: dict | None = None) -> dict:
+    """Cache, train every block (this process's share), merge; returns the per-layer outcome.
+    ``out_dir`` is the stage's work dir; ``fingerprint`` goes into every block's checkpoints."""
     from linearize.attention import AttentionLayer
     from linearize.train.transfer import TransferObjective, per_layer_mse
 
@@ -181,7 +184,7 @@ def train_blockwise(prepared, model: nn.Module, out_dir: Path, accelerator) -> d
             layers, cfg.transfer.mse_weight, cfg.transfer.xent_weight, forward=lambda m, x: m(x)
         )
         state = train(block, objective, splits[0], splits[1], cfg.train, block_dir,
-                      accelerator=local, seed=cfg.run.seed, resume=cfg.run.resume)  # fmt: skip
+                      accelerator=local, seed=cfg.run.seed, resume=cfg.run.resume, fingerprint=fingerprint)  # fmt: skip
         val = validate(objective, block, validation_batches(splits[1], cfg.train, cfg.run.seed, local), local, state.step)
         save_file({block.full_name(n): p.detach().cpu() for n, p in block.named_parameters() if p.requires_grad},
                   block_dir / "block.safetensors")  # fmt: skip

@@ -11,65 +11,58 @@ always exported whole.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import peft
 
 from linearize.config import AdapterConfig, AttentionConfig, ModelConfig
 from linearize.log import get_logger
-from linearize.models.convert import MANIFEST, apply_converted, full_weight_files, read_manifest, save_converted
+from linearize.fingerprint import check_chain, converted_source, stage_fingerprint
+from linearize.models.convert import apply_converted, full_weight_files, save_converted
+from linearize.rundir import publish
 
 log = get_logger(__name__)
 
 
-CONVERTED_STAGES = ("export", "finetune", "uptrain", "transfer")
-"""Stages that write a converted model, latest in a pipeline first."""
-
-
-def latest_stage_dir(run_dir: Path, stages: tuple[str, ...] = CONVERTED_STAGES) -> Path:
-    """The directory of the latest of ``stages`` (latest first) that wrote a converted model."""
-    for stage in stages:
-        if (run_dir / stage / MANIFEST).is_file():
-            return run_dir / stage
-    raise FileNotFoundError(
-        f"{run_dir} holds no converted model yet: run stage=transfer (and finetune), "
-        "stage=uptrain or stage=all first"
-    )
-
-
-def save_full(model, out_dir: Path, *, teacher: ModelConfig, attention: AttentionConfig, tokenizer,
-              seed: int, extra: dict) -> None:  # fmt: skip
-    """Write ``model`` (a swapped teacher, no adapter) whole: ``model.safetensors`` holds every
-    weight but the new attention parameters, and the manifest names ``out_dir`` as the teacher,
-    so the directory loads without the original teacher."""
+def save_full(model, out_dir: Path, *, home: Path, teacher: ModelConfig, attention: AttentionConfig, tokenizer,
+              seed: int, extra: dict, fingerprint: dict) -> None:  # fmt: skip
+    """Write ``model`` (a swapped teacher, no adapter) whole into ``out_dir``: ``model.safetensors``
+    holds every weight but the new attention parameters, and the manifest names ``home`` (where
+    ``out_dir`` is published) as the teacher, so the directory loads without the original
+    teacher; ``teacher_origin`` records that one."""
     weights = {n: p for n, p in model.state_dict().items() if ".mixer." not in n}
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, state_dict=weights)
-    own = replace(teacher, path=str(out_dir.resolve()), init="pretrained", tokenizer=None)
-    save_converted(model, out_dir, teacher=own, attention=attention, softmax_layers=attention.softmax_layers,
-                   tokenizer=tokenizer, seed=seed, extra=extra)  # fmt: skip
+    save_converted(model, out_dir, teacher=teacher, attention=attention, softmax_layers=attention.softmax_layers,
+                   tokenizer=tokenizer, seed=seed, extra=extra, fingerprint=fingerprint, home=home)  # fmt: skip
 
 
 def run_export(prepared, accelerator=None, tracker=None) -> Path:
+    """Write the run's latest converted model to ``<run.dir>/export`` (one rename, manifest last).
+    ``prepared.config`` holds the teacher and seed the source recorded (see ``adopt_source``)."""
     cfg = prepared.config
     run_dir = Path(cfg.run.dir)
-    source = latest_stage_dir(run_dir, CONVERTED_STAGES[1:])
-    manifest = read_manifest(source)
-    out_dir = run_dir / "export"
+    source = converted_source(run_dir, "export")
+    manifest = check_chain(source)
+    fingerprint = stage_fingerprint(cfg, "export")
     model = apply_converted(prepared.teacher, source, seed=cfg.run.seed)
     attention = AttentionConfig(**manifest["attention"])
     # A source written whole (uptrain of more than the new parameters) stays whole.
     whole = cfg.export.merge or bool(full_weight_files(source))
     extra = {"stage": "export", "source": str(source), "merged": whole}
-    if not whole:
-        save_converted(model, out_dir, teacher=cfg.model, attention=attention,
-                       softmax_layers=attention.softmax_layers,
-                       adapter=AdapterConfig(**manifest["adapter"]) if manifest["adapter"] else None,
-                       tokenizer=prepared.tokenizer, seed=cfg.run.seed, extra=extra)  # fmt: skip
-    else:
-        plain = model.merge_and_unload() if isinstance(model, peft.PeftModel) else model
-        save_full(plain, out_dir, teacher=cfg.model, attention=attention, tokenizer=prepared.tokenizer,
-                  seed=cfg.run.seed, extra=extra)  # fmt: skip
+    teacher = ModelConfig(**manifest["teacher_origin"]) if manifest.get("teacher_origin") else cfg.model
+
+    def write(tmp: Path) -> None:
+        if not whole:
+            save_converted(model, tmp, teacher=teacher, attention=attention,
+                           softmax_layers=attention.softmax_layers,
+                           adapter=AdapterConfig(**manifest["adapter"]) if manifest["adapter"] else None,
+                           tokenizer=prepared.tokenizer, seed=cfg.run.seed, extra=extra, fingerprint=fingerprint)  # fmt: skip
+        else:
+            plain = model.merge_and_unload() if isinstance(model, peft.PeftModel) else model
+            save_full(plain, tmp, home=run_dir / "export", teacher=teacher, attention=attention,
+                      tokenizer=prepared.tokenizer, seed=cfg.run.seed, extra=extra, fingerprint=fingerprint)  # fmt: skip
+
+    out_dir = publish(run_dir, "export", write)
     log.info("exported %s (%s) to %s", source, "whole" if whole else "deltas", out_dir)
     return out_dir

@@ -23,9 +23,11 @@ from torch import Tensor, nn
 from linearize.config import AttentionConfig
 from linearize.data import IGNORE_INDEX
 from linearize.log import Tracker, get_logger
-from linearize.models.convert import apply_converted, build_adapter, read_manifest, save_converted
+from linearize.fingerprint import check_chain, stage_fingerprint
+from linearize.models.convert import apply_converted, build_adapter, save_converted
 from linearize.models.swap import attention_layers, set_mode, swap_attention
 from linearize.train.export import save_full
+from linearize.rundir import publish, start_work, work_dir
 from linearize.train.loop import is_sharded, train
 
 log = get_logger(__name__)
@@ -64,7 +66,7 @@ def start_model(prepared) -> tuple[nn.Module, AttentionConfig, list[int]]:
     cfg = prepared.config
     transfer_dir = Path(cfg.run.dir) / "transfer"
     if cfg.finetune.start == "transfer":
-        attention = AttentionConfig(**read_manifest(transfer_dir)["attention"])
+        attention = AttentionConfig(**check_chain(transfer_dir)["attention"])
         model = apply_converted(prepared.teacher, transfer_dir, seed=cfg.run.seed)
         log.info("starting from the stage-1 model in %s", transfer_dir)
         return model, attention, attention.softmax_layers
@@ -77,7 +79,10 @@ def start_model(prepared) -> tuple[nn.Module, AttentionConfig, list[int]]:
 def run_finetune(prepared, accelerator: Accelerator, tracker: Tracker | None = None) -> Path:
     """Add the adapter, train on next-token loss, write the converted model to ``<run.dir>/finetune``."""
     cfg = prepared.config
-    out_dir = Path(cfg.run.dir) / "finetune"
+    run_dir = Path(cfg.run.dir)
+    work = work_dir(run_dir, "finetune")
+    fingerprint = stage_fingerprint(cfg, "finetune")
+    start_work(work, fingerprint)
     plain, attention_cfg, softmax_layers = start_model(prepared)
     model = build_adapter(plain, cfg.adapter, seed=cfg.run.seed)
     if cfg.adapter.train_new:
@@ -88,18 +93,21 @@ def run_finetune(prepared, accelerator: Accelerator, tracker: Tracker | None = N
     log.info("stage 2 trains %s: %s of %s parameters (%.3f%%)", cfg.adapter.name, f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
     objective = NextTokenObjective()
     state = train(
-        model, objective, prepared.data.train, prepared.data.val, cfg.train, out_dir,
+        model, objective, prepared.data.train, prepared.data.val, cfg.train, work,
         accelerator=accelerator, seed=cfg.run.seed, resume=cfg.run.resume, tracker=tracker,
+        fingerprint=fingerprint,
     )  # fmt: skip
     first_val = next((h["val/val_loss"] for h in state.history if "val/val_loss" in h), None)
     extra = {"stage": "finetune", "best_val_loss": state.best_val, "initial_val_loss": first_val,
              "steps": state.step, "best_step": state.best_step}  # fmt: skip
+    out_dir = run_dir / "finetune"
     if accelerator.is_main_process:
-        save_converted(
-            model, out_dir, teacher=cfg.model, attention=attention_cfg, softmax_layers=softmax_layers,
+        publish(run_dir, "finetune", lambda tmp: save_converted(
+            model, tmp, teacher=cfg.model, attention=attention_cfg, softmax_layers=softmax_layers,
             adapter=cfg.adapter, tokenizer=prepared.tokenizer, seed=cfg.run.seed,
-            extra={**extra, "history": state.history},
-        )  # fmt: skip
+            extra={**extra, "history": state.history}, fingerprint=fingerprint,
+        ))  # fmt: skip
+    accelerator.wait_for_everyone()
     log.info("finetune done: val loss %.4g -> %.4g (best step %d); converted model in %s",
              first_val, state.best_val, state.best_step, out_dir)  # fmt: skip
     return out_dir
@@ -140,7 +148,10 @@ def unsharded_copy(model: nn.Module, prepared, accelerator: Accelerator) -> nn.M
 def run_uptrain(prepared, accelerator: Accelerator, tracker: Tracker | None = None) -> Path:
     """Swap, train ``train.trainable`` on next-token loss, write ``<run.dir>/uptrain``."""
     cfg = prepared.config
-    out_dir = Path(cfg.run.dir) / "uptrain"
+    run_dir = Path(cfg.run.dir)
+    work = work_dir(run_dir, "uptrain")
+    fingerprint = stage_fingerprint(cfg, "uptrain")
+    start_work(work, fingerprint)
     model = prepared.teacher
     report = swap_attention(model, cfg.attention, seed=cfg.run.seed)
     set_mode(model, "student")
@@ -149,8 +160,9 @@ def run_uptrain(prepared, accelerator: Accelerator, tracker: Tracker | None = No
     n_all = sum(p.numel() for p in model.parameters())
     log.info("uptrain (train.trainable=%s) trains %s of %s parameters", cfg.train.trainable, f"{n_train:,}", f"{n_all:,}")
     state = train(
-        model, NextTokenObjective(), prepared.data.train, prepared.data.val, cfg.train, out_dir,
+        model, NextTokenObjective(), prepared.data.train, prepared.data.val, cfg.train, work,
         accelerator=accelerator, seed=cfg.run.seed, resume=cfg.run.resume, tracker=tracker,
+        fingerprint=fingerprint,
     )  # fmt: skip
     if is_sharded(accelerator):
         model = unsharded_copy(model, prepared, accelerator)
@@ -158,14 +170,19 @@ def run_uptrain(prepared, accelerator: Accelerator, tracker: Tracker | None = No
     extra = {"stage": "uptrain", "trainable": cfg.train.trainable, "best_val_loss": state.best_val,
              "initial_val_loss": first_val, "steps": state.step, "best_step": state.best_step,
              "history": state.history}  # fmt: skip
-    if accelerator.is_main_process:
-        attention = replace(cfg.attention, softmax_layers=report.softmax)
+    attention = replace(cfg.attention, softmax_layers=report.softmax)
+    out_dir = run_dir / "uptrain"
+
+    def write(tmp: Path) -> None:
         if cfg.train.trainable == "new":  # the teacher is unchanged: deltas suffice
-            save_converted(model, out_dir, teacher=cfg.model, attention=attention, softmax_layers=report.softmax,
-                           tokenizer=prepared.tokenizer, seed=cfg.run.seed, extra=extra)  # fmt: skip
+            save_converted(model, tmp, teacher=cfg.model, attention=attention, softmax_layers=report.softmax,
+                           tokenizer=prepared.tokenizer, seed=cfg.run.seed, extra=extra, fingerprint=fingerprint)  # fmt: skip
         else:
-            save_full(model, out_dir, teacher=cfg.model, attention=attention, tokenizer=prepared.tokenizer,
-                      seed=cfg.run.seed, extra=extra)  # fmt: skip
+            save_full(model, tmp, home=out_dir, teacher=cfg.model, attention=attention, tokenizer=prepared.tokenizer,
+                      seed=cfg.run.seed, extra=extra, fingerprint=fingerprint)  # fmt: skip
+
+    if accelerator.is_main_process:
+        publish(run_dir, "uptrain", write)
     accelerator.wait_for_everyone()
     log.info("uptrain done: val loss %.4g -> %.4g (best step %d); converted model in %s",
              first_val, state.best_val, state.best_step, out_dir)  # fmt: skip

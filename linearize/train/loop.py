@@ -26,7 +26,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from tqdm.auto import tqdm
 from linearize.config import TrainConfig
 from linearize.data import Split
 from linearize.log import Tracker, get_logger
+from linearize.rundir import FINGERPRINT, LENGTH_KEYS, RunDirError, differences, honour_umask, shown, write_dir_atomically
 
 log = get_logger(__name__)
 
@@ -249,31 +249,19 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
-def write_dir_atomically(target: Path, write) -> None:
-    """Call ``write(tmp_dir)``, then move the finished directory to ``target`` in one rename."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_file_atomic(tensors: dict[str, Tensor], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, tmp)
+    honour_umask(tmp)
     os.replace(tmp, path)
 
 
 def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: TrainState, *,
-                    tensors: Optional[dict] = None, optimizer_state: Optional[dict] = None) -> Path:  # fmt: skip
+                    tensors: Optional[dict] = None, optimizer_state: Optional[dict] = None,
+                    fingerprint: Optional[dict] = None) -> Path:  # fmt: skip
     """Write a checkpoint (one writer). ``tensors`` and ``optimizer_state``, when given, are what
-    to write for the model and optimizer (gathered under FSDP); by default they are read here."""
+    to write for the model and optimizer (gathered under FSDP); by default they are read here.
+    ``fingerprint``: the settings the run trains with, kept in the checkpoint for resume checks."""
     name = f"step-{state.step:07d}"
     tensors = trainable_state(model) if tensors is None else tensors
     optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
@@ -285,6 +273,8 @@ def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: TrainStat
             tmp / "training_state.pt",
         )
         (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=1))
+        if fingerprint is not None:
+            (tmp / FINGERPRINT).write_text(json.dumps(fingerprint, indent=1, default=str))
 
     ckpt_root = out_dir / "checkpoints"
     write_dir_atomically(ckpt_root / name, write)
@@ -317,6 +307,28 @@ def latest_checkpoint(out_dir: Path) -> Optional[Path]:
     return path
 
 
+def check_fingerprint(ckpt: Path, fingerprint: dict) -> None:
+    """The checkpoint at ``ckpt`` was made with ``fingerprint`` (a resume may change only how long
+    training runs: ``LENGTH_KEYS``).
+
+    Raises:
+        RunDirError: naming each differing key with the checkpoint's and this run's value.
+    """
+    own = ckpt / FINGERPRINT
+    if not own.is_file():
+        raise RunDirError(
+            f"checkpoint {ckpt} records no settings ({FINGERPRINT}: made by an older linearize), so a resume "
+            f"cannot be checked; delete {ckpt.parent} to start over"
+        )
+    diff = differences(json.loads(own.read_text()), fingerprint, LENGTH_KEYS)
+    if diff:
+        raise RunDirError(
+            f"run.resume=true, but checkpoint {ckpt} was made with other settings (checkpoint -> now): "
+            f"{shown(diff)}. Resume with the checkpoint's settings, or delete {ckpt.parent.parent} "
+            "(or use a new run.dir) to start over with these"
+        )
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator=None) -> TrainState:
     """Restore a checkpoint; nothing in it is unpickled beyond tensors and plain containers.
     Under FSDP (``accelerator`` given, model prepared) every process restores its shards."""
@@ -347,12 +359,14 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator=None) -
 def train(
     model: nn.Module, objective: Objective, train_split: Split, val_split: Split,
     cfg: TrainConfig, out_dir: Path, *, accelerator: Accelerator, seed: int, resume: bool,
-    tracker: Optional[Tracker] = None,
+    tracker: Optional[Tracker] = None, fingerprint: Optional[dict] = None,
 ) -> TrainState:  # fmt: skip
     """Train ``model``'s trainable parameters on ``objective``; checkpoints go to ``out_dir``.
 
     The best validation weights are written to ``out_dir/best.safetensors`` and loaded into
-    ``model`` at the end.
+    ``model`` at the end. ``fingerprint`` (the settings that change the math) is stored in every
+    checkpoint; a resume from a checkpoint with another one, or a fresh start over existing
+    checkpoints, is refused.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -380,13 +394,23 @@ def train(
         kinds = sorted({type(p).__name__ for p in params})
         log.info("FSDP: %s sharded over %d processes (parameters: %s)", type(wrapped).__name__, world, ", ".join(kinds))
     # Restored after prepare: under FSDP each process then loads only its shards.
-    ckpt = latest_checkpoint(out_dir) if resume else None
+    found = latest_checkpoint(out_dir)
+    if found is not None and not resume:
+        raise RunDirError(
+            f"{out_dir} holds checkpoints of an earlier run (latest {found.name}); resume it with "
+            f"run.resume=true, or delete {out_dir} to start over"
+        )
+    ckpt = found if resume else None
+    if ckpt is not None and fingerprint is not None:
+        check_fingerprint(ckpt, fingerprint)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler, accelerator)
         state.total_steps = total  # this run's plan: a resume may extend train.max_steps
         log.info("resumed from %s at step %d of %d", ckpt, state.step, state.total_steps)
     elif resume:
         log.info("run.resume=true but %s holds no checkpoint; starting fresh", out_dir)
+    if ckpt is None and accelerator.is_main_process:
+        (out_dir / "best.safetensors").unlink(missing_ok=True)  # an earlier start's, never this run's
     val_batches = validation_batches(val_split, cfg, seed, accelerator)
     main = accelerator.is_main_process
 
@@ -469,7 +493,7 @@ def train(
             optimizer_state = gathered_optimizer_state(model, optimizer, accelerator)
             if main:
                 save_checkpoint(out_dir, model, optimizer, scheduler, state, tensors=tensors,
-                                optimizer_state=optimizer_state)  # fmt: skip
+                                optimizer_state=optimizer_state, fingerprint=fingerprint)  # fmt: skip
             accelerator.wait_for_everyone()
     bar.close()
     best = out_dir / "best.safetensors"

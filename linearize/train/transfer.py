@@ -30,7 +30,9 @@ from linearize.log import Tracker, get_logger
 from linearize import ops
 from linearize.models.convert import save_converted
 from linearize.models.swap import attention_layers, restore_softmax, set_mode, swap_attention
+from linearize.fingerprint import stage_fingerprint
 from linearize.plots import plot_transfer
+from linearize.rundir import publish, start_work, work_dir
 from linearize.train.loop import train, validate, validation_batches
 
 log = get_logger(__name__)
@@ -145,12 +147,13 @@ def per_layer_mse(metrics: dict[str, float], prefix: str = "mse/layer_") -> dict
     return {int(k.rsplit("_", 1)[-1]): v for k, v in metrics.items() if k.startswith(prefix)}
 
 
-def _train_joint(prepared, model, out_dir: Path, accelerator: Accelerator, tracker) -> dict:
+def _train_joint(prepared, model, work: Path, accelerator: Accelerator, tracker, fingerprint: dict) -> dict:
     cfg = prepared.config
     objective = TransferObjective(attention_layers(model), cfg.transfer.mse_weight, cfg.transfer.xent_weight)
     state = train(
-        model, objective, prepared.data.train, prepared.data.val, cfg.train, out_dir,
+        model, objective, prepared.data.train, prepared.data.val, cfg.train, work,
         accelerator=accelerator, seed=cfg.run.seed, resume=cfg.run.resume, tracker=tracker,
+        fingerprint=fingerprint,
     )  # fmt: skip
     # Validation MSE of the weights kept (the best), per layer.
     last = state.history[-1] if state.history else {}
@@ -172,20 +175,25 @@ def _train_joint(prepared, model, out_dir: Path, accelerator: Accelerator, track
 def run_transfer(prepared, accelerator: Accelerator, tracker: Tracker | None = None) -> Path:
     """Swap, train, optionally return the worst layers to softmax, write results and report.
 
+    Checkpoints (and blockwise's cache and blocks) go to ``<run.dir>/work/transfer``; the
+    outputs appear in ``<run.dir>/transfer`` by one rename, manifest last.
+
     Returns:
         The stage's output directory (``<run.dir>/transfer``).
     """
     cfg = prepared.config
-    out_dir = Path(cfg.run.dir) / "transfer"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(cfg.run.dir)
+    work = work_dir(run_dir, "transfer")
+    fingerprint = stage_fingerprint(cfg, "transfer")
+    start_work(work, fingerprint)
     model = prepared.teacher
     report = swap_attention(model, cfg.attention, seed=cfg.run.seed)
     if cfg.transfer.mode == "joint":
-        outcome = _train_joint(prepared, model, out_dir, accelerator, tracker)
+        outcome = _train_joint(prepared, model, work, accelerator, tracker, fingerprint)
     else:
         from linearize.train.blockwise import train_blockwise
 
-        outcome = train_blockwise(prepared, model, out_dir, accelerator)
+        outcome = train_blockwise(prepared, model, work, accelerator, fingerprint)
     per_layer = outcome["val_mse_per_layer"]
     kept = sorted(sorted(per_layer, key=per_layer.get, reverse=True)[: cfg.attention.keep_softmax])
     if kept:
@@ -202,14 +210,19 @@ def run_transfer(prepared, accelerator: Accelerator, tracker: Tracker | None = N
         "val_mse_per_layer": {str(i): per_layer[i] for i in sorted(per_layer)},
         "val_mse_mean": sum(per_layer.values()) / len(per_layer),
     }
-    if accelerator.is_main_process:
+
+    def write(tmp: Path) -> None:
+        (tmp / "result.json").write_text(json.dumps(result, indent=1))
+        plot_transfer(result, tmp / "transfer_report.png")
         save_converted(
-            model, out_dir, teacher=cfg.model, attention=cfg.attention,
-            softmax_layers=result["softmax_layers"], tokenizer=prepared.tokenizer, seed=cfg.run.seed,
-            extra={"stage": "transfer"},
+            model, tmp, teacher=cfg.model, attention=cfg.attention, softmax_layers=result["softmax_layers"],
+            tokenizer=prepared.tokenizer, seed=cfg.run.seed, extra={"stage": "transfer"}, fingerprint=fingerprint,
         )  # fmt: skip
-        (out_dir / "result.json").write_text(json.dumps(result, indent=1))
-        plot_transfer(result, out_dir / "transfer_report.png")
+
+    out_dir = run_dir / "transfer"
+    if accelerator.is_main_process:
+        publish(run_dir, "transfer", write)
+    accelerator.wait_for_everyone()
     log.info(
         "transfer done (%s): val MSE mean %.4g; results in %s",
         cfg.transfer.mode, result["val_mse_mean"], out_dir,
