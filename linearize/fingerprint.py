@@ -134,7 +134,7 @@ def check_chain(source: Path) -> dict[str, Any]:
             what = "is gone" if current is None else "was made again since, with other settings or data"
             raise RunDirError(
                 f"{source} was made from the {upstream} output of {run_dir}, which {what}: {source.name} is "
-                f"stale. Run `python -m linearize stage={source.name} run.dir={run_dir}` again (or stage=all)"
+                f"stale. Run it again: python -m linearize stage={source.name} run.dir={run_dir} (or stage=all)"
             )
         check_chain(run_dir / upstream)
     return manifest

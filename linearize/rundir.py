@@ -69,9 +69,14 @@ def fingerprint_hash(fp: dict[str, Any]) -> str:
 
 def differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
     """``key: old -> new`` for every key whose values differ (a missing key reads as absent)."""
-    keys = sorted((old.keys() | new.keys()) - set(ignore))
-    absent = "(absent)"
-    return [f"{k}: {old.get(k, absent)!r} -> {new.get(k, absent)!r}" for k in keys if old.get(k, absent) != new.get(k, absent)]
+    keys = sorted((old.keys() | new.keys()) - set(ignore), key=lambda k: (k.count("."), k))  # model.path before model.architecture.*
+    missing = object()
+
+    def text(value: Any) -> str:
+        return "(absent)" if value is missing else repr(value)
+
+    return [f"{k}: {text(old.get(k, missing))} -> {text(new.get(k, missing))}"
+            for k in keys if old.get(k, missing) != new.get(k, missing)]  # fmt: skip
 
 
 def shown(diff: list[str], most: int = 8) -> str:
@@ -155,7 +160,7 @@ def rebuild_hint(path: Path) -> str:
     path = Path(path)
     stage = path.name
     if stage in ("transfer", "finetune", "uptrain", "export", "eval"):
-        return f"rebuild it with `python -m linearize stage={stage} run.dir={path.parent}` (or stage=all)"
+        return f"rebuild it with: python -m linearize stage={stage} run.dir={path.parent} (or stage=all)"
     return "write it again (python -m linearize stage=export, or copy it again from where it came)"
 
 

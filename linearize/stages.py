@@ -152,7 +152,7 @@ def check_values(config: Config) -> None:
         logged_in = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
         if config.logging.wandb == "online" and not logged_in:
             raise ValueError(
-                "logging.wandb=online needs a wandb login (WANDB_API_KEY, or `wandb login`) and a network; "
+                "logging.wandb=online needs a wandb login (WANDB_API_KEY, or run: wandb login) and a network; "
                 "use logging.wandb=offline (sync later) or disabled"
             )
     if stage in ("finetune", "all") and (stage == "finetune" or "finetune" in config.pipeline):
