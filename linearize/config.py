@@ -368,6 +368,9 @@ class EvalConfig:
     """WikiText-2 (raw test) tokens for perplexity; ``None``: the whole set; 0: skip it."""
     ppl_seq_len: int = 1024
     ppl_stride: int = 512
+    ppl_buckets: list[int] = field(default_factory=lambda: [64, 256, 512])
+    """Edges of the position buckets for the loss by position on WikiText-2 (teacher beside the
+    converted model, in the report and ``position.png``); ``[]`` turns it off."""
 
     def __post_init__(self) -> None:
         _finite("eval", self)
@@ -387,6 +390,12 @@ class EvalConfig:
             raise ValueError(
                 f"eval.ppl_stride={self.ppl_stride} exceeds eval.ppl_seq_len={self.ppl_seq_len}; "
                 f"set it on the command line, e.g. eval.ppl_stride={self.ppl_seq_len // 2}"
+            )
+        edges = [0, *self.ppl_buckets]
+        if any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(
+                f"eval.ppl_buckets={self.ppl_buckets} must be positive and increasing; set it on the "
+                "command line, e.g. 'eval.ppl_buckets=[64,256,512]' (or [] for none)"
             )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,8 @@ def perplexity(
     seq_len: int = 1024,
     stride: int = 512,
     max_tokens: Optional[int] = None,
-) -> dict[str, float | int]:
+    buckets: Sequence[int] = (),
+) -> dict:
     """Perplexity of ``model`` on ``text``, scored in sliding windows on the model's device.
 
     Args:
@@ -66,11 +67,19 @@ def perplexity(
         stride: tokens between window starts; ``seq_len - stride`` is the minimum carried-over
             context of every window after the first.
         max_tokens: score only the first ``max_tokens`` tokens (for quick checks).
+        buckets: edges of position buckets, increasing (e.g. ``[64, 256, 512]``: positions
+            0-64, 64-256, 256-512 and 512 on). A token's position is its index in the window
+            it is scored in: the context it is predicted from.
 
     Returns:
         ``{"ppl": exp(nll), "nll": mean negative log-likelihood per scored token (nats),
-        "tokens": number of scored tokens}``.
+        "tokens": number of scored tokens, "by_position": [{"from", "to", "tokens", "nll"},
+        ...]}`` (``to`` is None for the last bucket; buckets no token falls in are left out;
+        ``by_position`` is empty without ``buckets``).
     """
+    edges = [0, *buckets]
+    if any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"position buckets {list(buckets)} must be positive and increasing")
     ids = tokenizer(text, return_tensors="pt").input_ids[0]  # (N,)
     if max_tokens is not None:
         ids = ids[:max_tokens]
@@ -81,20 +90,36 @@ def perplexity(
     was_training = model.training
     model.eval()
     nll_sum, scored = 0.0, 0
+    bucket_nll, bucket_tokens = [0.0] * len(edges), [0] * len(edges)
+    bounds = torch.tensor(edges[1:], device=device)
     windows = window_targets(ids.numel(), seq_len, stride)
     try:
         for begin, end, first in tqdm(windows, desc="perplexity", unit="window"):
             logits = model(input_ids=ids[None, begin:end]).logits[0]  # (end - begin, V)
             # Position j predicts token j + 1: the logits for tokens [first, end).
             pred = logits[first - begin - 1 : end - begin - 1].float()
-            nll_sum += F.cross_entropy(pred, ids[first:end], reduction="sum").item()
+            nll = F.cross_entropy(pred, ids[first:end], reduction="none").double()  # (end - first,), summed in fp64
+            nll_sum += nll.sum().item()
             scored += end - first
+            if buckets:
+                positions = torch.arange(first - begin, end - begin, device=device)
+                which = torch.bucketize(positions, bounds, right=True)  # bucket i: edges[i] <= pos < edges[i+1]
+                sums = torch.zeros(len(edges), device=device, dtype=nll.dtype).index_add_(0, which, nll)
+                counts = torch.bincount(which, minlength=len(edges))
+                for i in range(len(edges)):
+                    bucket_nll[i] += sums[i].item()
+                    bucket_tokens[i] += int(counts[i])
     finally:
         model.train(was_training)
     nll = nll_sum / scored
     log.info("perplexity %.3f over %d tokens (seq_len=%d, stride=%d)", math.exp(nll), scored,
              seq_len, stride)
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": scored}
+    by_position = [
+        {"from": edges[i], "to": edges[i + 1] if i + 1 < len(edges) else None, "tokens": bucket_tokens[i],
+         "nll": bucket_nll[i] / bucket_tokens[i]}
+        for i in range(len(edges)) if buckets and bucket_tokens[i]
+    ]  # fmt: skip
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": scored, "by_position": by_position}
 
 
 def wikitext2_text(data_dir: str | Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +31,9 @@ def compare(teacher: Optional[dict[str, Any]], converted: Optional[dict[str, Any
             continue
         row: dict[str, Any] = {"task": task, "metric": next(iter(results.values()))["metric"]}
         row.update({side: r["value"] for side, r in results.items()})
+        by_position = {side: r["by_position"] for side, r in results.items() if r.get("by_position")}
+        if by_position:
+            row["by_position"] = by_position
         rows.append(_with_share(row))
     scored = [r for r in rows if "metric" in r and r["metric"] != "ppl"]
     if scored:
@@ -69,7 +73,41 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
                 f"| {r['task']} | {r['metric']} | {fmt(r.get('teacher'))} | {fmt(r.get('converted'))} | "
                 f"{fmt(r.get('difference'))} | {fmt(r.get('share'), pct=True)} |"
             )
+    for r in rows:
+        if r.get("by_position"):
+            lines += ["", *position_table(r["by_position"], r["task"])]
     return "\n".join(lines) + "\n"
+
+
+def _bucket_label(bucket: dict[str, Any]) -> str:
+    return f"{bucket['from']}–{bucket['to']}" if bucket["to"] is not None else f"{bucket['from']}+"
+
+
+def position_table(by_position: dict[str, list[dict[str, Any]]], task: str) -> list[str]:
+    """Mean next-token loss (nats) per position bucket, teacher beside the converted model."""
+    sides = list(by_position)
+    labels = list(dict.fromkeys(_bucket_label(b) for side in sides for b in by_position[side]))
+    lines = [f"Loss by position ({task}, mean nats per token; position = tokens of context)", "",
+             "| positions | " + " | ".join(sides) + " | ppl " + " | ppl ".join(sides) + " |",
+             "|---|" + "---|" * (2 * len(sides))]  # fmt: skip
+    for label in labels:
+        nll = [next((b["nll"] for b in by_position[side] if _bucket_label(b) == label), None) for side in sides]
+        cells = [f"{v:.4f}" if v is not None else "–" for v in nll]
+        cells += [f"{math.exp(v):.4g}" if v is not None else "–" for v in nll]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def position_chart(by_position: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for side, buckets in by_position.items():
+        ax.plot([_bucket_label(b) for b in buckets], [b["nll"] for b in buckets], marker="o", label=side)
+    ax.set(xlabel="position in the window (tokens of context)", ylabel="mean next-token loss (nats)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def bar_chart(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
@@ -96,4 +134,7 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, title: str, meta: di
     (out_dir / "report.md").write_text(text)
     (out_dir / "report.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     bar_chart(rows, out_dir / "report.png", title)
+    for r in rows:
+        if r.get("by_position"):
+            position_chart(r["by_position"], out_dir / "position.png", f"{title}: loss by position")
     return text

@@ -34,8 +34,9 @@ def score(model, tokenizer, cfg) -> dict[str, Any]:
             results["wikitext2"] = {"skipped": f"local data missing: {err}"}
         else:
             ppl = perplexity(model, tokenizer, text, seq_len=e.ppl_seq_len, stride=e.ppl_stride,
-                             max_tokens=e.ppl_tokens)  # fmt: skip
-            results["wikitext2"] = {"metric": "ppl", "value": ppl["ppl"], "n": ppl["tokens"]}
+                             max_tokens=e.ppl_tokens, buckets=e.ppl_buckets)  # fmt: skip
+            results["wikitext2"] = {"metric": "ppl", "value": ppl["ppl"], "n": ppl["tokens"],
+                                    "by_position": ppl["by_position"]}  # fmt: skip
     return results
 
 

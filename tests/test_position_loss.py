@@ -1,0 +1,60 @@
+"""The loss by position (``eval.ppl_buckets``): buckets partition the scored tokens, so one
+bucket covering every position gives the plain mean loss, and the buckets' token-weighted mean
+is the mean loss; the report shows the table and draws ``position.png``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from linearize.evaluate.perplexity import perplexity
+from linearize.evaluate.report import compare, write_report
+from linearize.models.load import load_teacher
+from tests.conftest import build_config
+
+TEXT = " ".join(f"word{i % 37} and then some more text number {i}." for i in range(120))
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tokenizer):
+    cfg = build_config("model=tiny-llama")
+    return load_teacher(cfg.model, cache_dir=cfg.cache_dir, device=torch.device("cpu")), tokenizer
+
+
+def test_one_bucket_over_every_position_is_the_plain_mean(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    plain = perplexity(model, tokenizer, TEXT, seq_len=128, stride=64)
+    one = perplexity(model, tokenizer, TEXT, seq_len=128, stride=64, buckets=[128])
+    assert plain["by_position"] == []
+    (bucket,) = one["by_position"]  # positions 0-127: every scored token; 128+ holds none
+    assert bucket["tokens"] == plain["tokens"] and bucket["from"] == 0 and bucket["to"] == 128
+    assert math.isclose(bucket["nll"], plain["nll"], rel_tol=1e-9)
+
+
+def test_buckets_partition_the_scored_tokens(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    plain = perplexity(model, tokenizer, TEXT, seq_len=128, stride=64)
+    split = perplexity(model, tokenizer, TEXT, seq_len=128, stride=64, buckets=[16, 64, 100])
+    buckets = split["by_position"]
+    assert [(b["from"], b["to"]) for b in buckets] == [(0, 16), (16, 64), (64, 100), (100, None)]
+    assert sum(b["tokens"] for b in buckets) == plain["tokens"]
+    mean = sum(b["nll"] * b["tokens"] for b in buckets) / plain["tokens"]
+    assert math.isclose(mean, plain["nll"], rel_tol=1e-9)
+    with pytest.raises(ValueError, match="positive and increasing"):
+        perplexity(model, tokenizer, TEXT, buckets=[64, 16])
+
+
+def test_the_report_shows_the_loss_by_position(tmp_path):
+    by = lambda nll: [{"from": 0, "to": 64, "tokens": 10, "nll": nll}, {"from": 64, "to": None, "tokens": 5, "nll": nll + 1}]
+    rows = compare({"wikitext2": {"metric": "ppl", "value": 10.0, "by_position": by(2.0)}},
+                   {"wikitext2": {"metric": "ppl", "value": 20.0, "by_position": by(3.0)}})  # fmt: skip
+    text = write_report(rows, tmp_path, "t", {})
+    assert "| 0–64 | 2.0000 | 3.0000 | 7.389 | 20.09 |" in text and "| 64+ | 3.0000 | 4.0000 |" in text
+    assert (tmp_path / "position.png").stat().st_size > 1000
+
+
+def test_bad_buckets_are_refused_before_work():
+    with pytest.raises(ValueError, match=r"eval.ppl_buckets=\[64, 64\] must be positive and increasing"):
+        build_config("eval.ppl_buckets=[64,64]")
