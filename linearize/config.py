@@ -31,6 +31,7 @@ FEATURE_MAPS = ("hedgehog", "t2r", "elu", "relu", "identity", "softmax")
 DATA_FORMATS = ("alpaca", "text")
 WANDB_MODES = ("disabled", "offline", "online")
 SCHEDULERS = ("plateau", "cosine", "constant")
+OBJECTIVES = ("ntp", "kd", "kd+ntp")
 BACKENDS = ("auto", "reference", "triton")
 SEED_LIMIT = 2**43
 
@@ -341,8 +342,20 @@ class FinetuneConfig:
     """``transfer``: start from ``<run.dir>/transfer`` (stage 1's output); ``swap``: swap the
     attention in fresh with no transfer (Liger's recipe, and the no-transfer baseline)."""
 
+    objective: str = "ntp"
+    """What stage 2 (and ``stage=uptrain``) trains for: ``ntp`` (next-token loss), ``kd`` (KL from
+    the teacher's to the model's distribution over the vocabulary, every position) or ``kd+ntp``."""
+    kd_temperature: float = 1.0
+    """Temperature of both distributions in the KL (its loss is scaled by T²)."""
+    kd_weight: float = 0.5
+    """Weight of the KL in ``kd+ntp`` (the next-token loss gets 1 - kd_weight)."""
+
     def __post_init__(self) -> None:
+        _finite("finetune", self)
         _choice("finetune.start", self.start, ("transfer", "swap"))
+        _choice("finetune.objective", self.objective, OBJECTIVES)
+        _positive("finetune.kd_temperature", self.kd_temperature, example=1.0)
+        _fraction("finetune.kd_weight", self.kd_weight, 0.5)
 
 
 @dataclass

@@ -97,9 +97,10 @@ def stage_fingerprint(config: Config, stage: str) -> dict[str, Any]:
         fp.update(_section(config, "attention"))
     if stage == "transfer":
         fp.update(_section(config, "transfer"))
+    if stage in ("finetune", "uptrain"):
+        fp.update({k: v for k, v in _section(config, "finetune").items() if stage == "finetune" or k != "finetune.start"})
     if stage == "finetune":
         fp.update(_section(config, "adapter"))
-        fp["finetune.start"] = config.finetune.start
         if config.finetune.start == "transfer":
             fp["upstream.transfer"] = upstream_hash(run_dir, "transfer")
     if stage in ("export", "eval"):

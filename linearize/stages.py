@@ -159,6 +159,7 @@ def check_values(config: Config) -> None:
         from linearize.models.convert import peft_config
 
         peft_config(config.adapter)
+    check_objective(config)
     trains_new = stage == "transfer" or (stage == "uptrain" and config.train.trainable == "new")
     if trains_new and a.kind in ("window", "gated") and a.window >= config.data.seq_len:
         raise ValueError(
@@ -237,6 +238,28 @@ def check_checkpoint(root: Path) -> None:
                     raise ValueError(f"{str(archive)!r} fails its checksum")
     except (ValueError, KeyError, zipfile.BadZipFile) as err:
         raise ValueError(f"the latest checkpoint {str(path)!r} is damaged: {err}; {fix}") from None
+
+
+def check_objective(config: Config) -> None:
+    """Distillation takes the teacher's logits from the model itself (adapters off, layers in
+    teacher mode), which is the teacher only if training leaves the teacher's own weights alone."""
+    f = config.finetune
+    if f.objective == "ntp":
+        return
+    stages = config.pipeline if config.stage == "all" else [config.stage]
+    if "uptrain" in stages and config.train.trainable != "new":
+        raise ValueError(
+            f"finetune.objective={f.objective} distils from the model in teacher mode, but stage=uptrain "
+            f"with train.trainable={config.train.trainable} trains the teacher's own weights, so that would "
+            "no longer be the teacher; use train.trainable=new, or finetune.objective=ntp"
+        )
+    init = config.adapter.options.get("init_lora_weights")
+    if "finetune" in stages and isinstance(init, str) and init != "gaussian":
+        raise ValueError(
+            f"finetune.objective={f.objective} distils from the model with its adapter disabled, but "
+            f"adapter={config.adapter.name} (init_lora_weights={init}) rewrites the base weights, so that "
+            "would no longer be the teacher; use adapter=lora (or dora, vera, fourierft), or finetune.objective=ntp"
+        )
 
 
 def check_run_dir(config: Config) -> None:

@@ -76,6 +76,13 @@ def test_finetune_two_ranks_equal_one_process(tmp_path):
     assert _checkpoints(two / "finetune") == ["step-0000003"]
 
 
+def test_finetune_kd_two_ranks_equal_one_process(tmp_path):
+    two, one = _two_and_one(tmp_path, "stage=finetune", "finetune.start=swap", "attention=hedgehog",
+                            "train.max_steps=3", "train.lr=1e-3", "finetune.objective=kd")  # fmt: skip
+    name = "finetune/adapter.safetensors"
+    _assert_close(load_file(two / name), load_file(one / name))
+
+
 def test_uptrain_all_two_ranks_equal_one_process(tmp_path):
     two, one = _two_and_one(tmp_path, "stage=uptrain", "attention=supra", "train.trainable=all",
                             "train.max_steps=2", "train.lr=1e-3")  # fmt: skip

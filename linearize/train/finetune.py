@@ -12,15 +12,18 @@ swapped layer's q/k/v/o projections) or ``all`` (the whole model).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
+import peft
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from linearize.config import AttentionConfig
+from linearize.config import AttentionConfig, FinetuneConfig
 from linearize.data import IGNORE_INDEX
 from linearize.log import Tracker, get_logger
 from linearize.fingerprint import check_chain, stage_fingerprint
@@ -43,7 +46,11 @@ class NextTokenObjective:
     """
 
     def loss(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
-        logits = model(input_ids=inputs, use_cache=False).logits[:, :-1]  # (B, T-1, V)
+        return self.from_logits(model(input_ids=inputs, use_cache=False).logits, labels)
+
+    def from_logits(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
+        """The loss of logits (B, T, V) already computed for ``labels`` (B, T)."""
+        logits = logits[:, :-1]  # (B, T-1, V)
         targets = labels[:, 1:]
         total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         count = (targets != IGNORE_INDEX).sum().float()
@@ -59,6 +66,68 @@ class NextTokenObjective:
         losses = [self.loss(model, x.to(device), y.to(device))[0].item() for x, y in batches]
         mean = sum(losses) / len(losses)
         return {"val_loss": mean, "ppl": math.exp(min(mean, 50.0))}
+
+
+@contextmanager
+def teacher_view(model: nn.Module):
+    """The same model object as the teacher: adapters disabled, every swapped layer computing the
+    teacher's softmax attention. (The original model only while the trainable set leaves the
+    teacher's own weights as they were: ``stages.check_values`` refuses the other cases.)"""
+    inner = model
+    while hasattr(inner, "module"):  # DDP
+        inner = inner.module
+    adapters_off = inner.disable_adapter() if isinstance(inner, peft.PeftModel) else nullcontext()
+    with adapters_off:
+        set_mode(inner, "teacher")
+        try:
+            yield
+        finally:
+            set_mode(inner, "student")
+
+
+def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """KL(teacher ‖ student) of the distributions at ``temperature`` over the vocabulary, mean over
+    every position, times T² (Hinton et al.: the gradients keep their size as T changes).
+    Logits (B, T, V); exactly 0 when the two are equal."""
+    log_t = F.log_softmax(teacher.float() / temperature, dim=-1).flatten(0, 1)  # (B*T, V)
+    log_s = F.log_softmax(student.float() / temperature, dim=-1).flatten(0, 1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
+
+
+class DistillObjective:
+    """``kd``: :func:`kd_loss` to the teacher's logits; ``kd+ntp``: ``kd_weight`` × that +
+    (1 − ``kd_weight``) × the next-token loss. The teacher's logits come from the same model in
+    :func:`teacher_view`, in the same step, without a graph: no second copy of the weights.
+    Both parts are logged (and ``ntp`` validated) whatever the weights, so objectives compare."""
+
+    def __init__(self, kd_weight: float, temperature: float):
+        self.kd_weight, self.temperature = kd_weight, temperature
+        self.ntp = NextTokenObjective()
+
+    def loss(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
+        with torch.no_grad(), teacher_view(model):
+            teacher = model(input_ids=inputs, use_cache=False).logits  # (B, T, V)
+        student = model(input_ids=inputs, use_cache=False).logits
+        kd = kd_loss(student, teacher, self.temperature)
+        ntp, info = self.ntp.from_logits(student, labels)
+        loss = kd if self.kd_weight == 1 else self.kd_weight * kd + (1 - self.kd_weight) * ntp
+        return loss, {"kd": kd.item(), "ntp": ntp.item(), **info}
+
+    def validate(self, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
+        device = next(p for p in model.parameters()).device
+        totals: dict[str, float] = {}
+        for x, y in batches:
+            loss, parts = self.loss(model, x.to(device), y.to(device))
+            for k, v in {"val_loss": loss.item(), "kd": parts["kd"], "ntp": parts["ntp"]}.items():
+                totals[k] = totals.get(k, 0.0) + v / len(batches)
+        return {**totals, "ppl": math.exp(min(totals["ntp"], 50.0))}
+
+
+def make_objective(cfg: FinetuneConfig):
+    """The objective ``finetune.objective`` names."""
+    if cfg.objective == "ntp":
+        return NextTokenObjective()
+    return DistillObjective(1.0 if cfg.objective == "kd" else cfg.kd_weight, cfg.kd_temperature)
 
 
 def start_model(prepared) -> tuple[nn.Module, AttentionConfig, list[int]]:
@@ -91,7 +160,7 @@ def run_finetune(prepared, accelerator: Accelerator, tracker: Tracker | None = N
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log.info("stage 2 trains %s: %s of %s parameters (%.3f%%)", cfg.adapter.name, f"{n_train:,}", f"{n_all:,}", 100 * n_train / n_all)
-    objective = NextTokenObjective()
+    objective = make_objective(cfg.finetune)
     state = train(
         model, objective, prepared.data.train, prepared.data.val, cfg.train, work,
         accelerator=accelerator, seed=cfg.run.seed, resume=cfg.run.resume, tracker=tracker,
@@ -126,7 +195,6 @@ def set_trainable(model: nn.Module, trainable: str) -> None:
 def unsharded_copy(model: nn.Module, prepared, accelerator: Accelerator) -> nn.Module | None:
     """The FSDP-sharded ``model``'s weights gathered into a fresh, plain copy on the main process
     (``None`` on the others), for writing it out. Every process must call it."""
-    import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from linearize.models.load import load_teacher
@@ -160,7 +228,7 @@ def run_uptrain(prepared, accelerator: Accelerator, tracker: Tracker | None = No
     n_all = sum(p.numel() for p in model.parameters())
     log.info("uptrain (train.trainable=%s) trains %s of %s parameters", cfg.train.trainable, f"{n_train:,}", f"{n_all:,}")
     state = train(
-        model, NextTokenObjective(), prepared.data.train, prepared.data.val, cfg.train, work,
+        model, make_objective(cfg.finetune), prepared.data.train, prepared.data.val, cfg.train, work,
         accelerator=accelerator, seed=cfg.run.seed, resume=cfg.run.resume, tracker=tracker,
         fingerprint=fingerprint,
     )  # fmt: skip
