@@ -142,6 +142,10 @@ def publish(run_dir: Path, stage: str, write: Callable[[Path], None]) -> Path:
     """Write a stage's outputs with ``write(tmp)`` (which ends with :func:`write_manifest`) and
     rename them into ``<run_dir>/<stage>`` in one step, replacing an older output whole."""
     target = Path(run_dir) / stage
+    # What a killed publish left (the run dir's lock says no other writer is at work): a hidden
+    # copy of a whole output, never read, would otherwise stay forever.
+    for stale in [*target.parent.glob(f".{stage}.tmp-*"), target.with_name(f".{stage}.old")]:
+        shutil.rmtree(stale, ignore_errors=True)
 
     def checked(tmp: Path) -> None:
         write(tmp)

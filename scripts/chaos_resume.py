@@ -1,32 +1,47 @@
-"""Crash-anywhere resume: SIGKILL real training runs at random moments, resume, compare weights.
+"""Crash-anywhere resume: kill real runs at random moments, rerun them, compare the results.
 
-For each stage, one uninterrupted run of ``python -m linearize`` on tiny-llama gives the
-reference weights. Each trial then starts the same command in a fresh run dir, kills it with
-SIGKILL (at a random delay between the process start and the reference run's duration, or the
-moment a checkpoint temp dir appears under the run dir, or, for ``blockwise``, while a shard of
-the hidden-state cache is being written), sometimes kills the first resume too, resumes with
-``run.resume=true`` until the run finishes, and compares the stage's output weights (every
-``*.safetensors`` of the stage dir outside ``checkpoints/``) with the reference bit for bit.
+Modes (``--stages``, comma-separated; default all five):
 
-A trial is *lost* when a resume fails, when ``latest`` points at a torn checkpoint, when a run
-that had a whole checkpoint does not resume from it, or (``blockwise``) when a finished cache
-shard is recomputed or a torn one is kept.
+- ``transfer``, ``finetune``, ``blockwise``: one uninterrupted run of the stage on tiny-llama
+  gives the reference weights. Each trial starts the same command in a fresh run dir, SIGKILLs
+  it (at a random delay below the reference run's duration, or the moment a checkpoint temp
+  dir appears, or, for ``blockwise``, while a hidden-state cache shard is being written),
+  sometimes kills the first resume too, resumes with ``run.resume=true`` until the run
+  finishes, and compares bit for bit the stage's weights: the published ``<run>/<stage>/*``
+  safetensors and the work dir's ``work/<stage>/best.safetensors`` and
+  ``blocks/*/block.safetensors``. blockwise runs at most ``--blockwise-trials`` (4) trials.
+- ``all``: ``stage=all`` (transfer -> finetune -> export), killed with SIGKILL or SIGTERM at a
+  random moment or as a publish temp dir ``<run>/.<stage>.tmp-*``, a checkpoint temp dir or a
+  manifest appears, then rerun with the same command: the export's logits must equal the
+  reference's (``torch.equal``), its fingerprint hash and weight files too.
+- ``disk``: writes fail past a per-process file-size limit (``RLIMIT_FSIZE``, EFBIG as on a
+  full disk): a merged export that does not fit must fail and leave the old export intact
+  (even trials); a ``stage=all`` that runs out partway must fail, then rerun without the limit
+  end with the reference export (odd trials). Details: scripts/chaos_pipeline.py.
+
+A trial is *lost* when a rerun fails, when anything is torn (``latest`` pointing at a torn
+checkpoint, a published output whose manifest or files are not whole, a torn ``best``), when
+a run that had a whole checkpoint does not resume from it, when ``stage=all`` reruns a stage
+that was done, when a write past the size limit goes unnoticed, or (``blockwise``) when a
+finished cache shard is recomputed or a torn one is kept.
 
     .venv/bin/python scripts/chaos_resume.py --trials 10 --seed 0
-    .venv/bin/python scripts/chaos_resume.py --stages blockwise --trials 3
+    .venv/bin/python scripts/chaos_resume.py --stages all,disk --trials 3
 
-Prints one line per trial (with its seed: ``--replay STAGE:TRIAL:SEED`` reruns that trial alone) and,
-per stage, a final line ``N trials, E exact, L lost``. Exits 1 on any mismatch or loss.
+Prints one line per trial (with its seed: ``--replay MODE:TRIAL:SEED`` reruns that trial alone)
+and, per mode, a final line ``N trials, E exact, L lost``. Exits 1 on any mismatch or loss.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import json
 import os
 import random
 import re
+import resource
 import select
 import shutil
 import signal
@@ -41,7 +56,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("transfer", "finetune", "blockwise")
+STAGES = ("transfer", "finetune", "blockwise", "all", "disk")
+PIPELINE_MODES = ("all", "disk")  # in scripts/chaos_pipeline.py
 STEPS, EVAL_EVERY = 8, 2
 # A shard's temp files: safetensors' own (>= 0.7 writes ``.tmpXXXXXX`` and renames it) and
 # blockwise's ``.shard-N.safetensors.tmp-PID``.
@@ -58,6 +74,11 @@ def default_data_dir() -> Path:
 def stage_dir(stage: str) -> str:
     """The directory under run.dir a stage writes (blockwise is stage 1 in another mode)."""
     return "finetune" if stage == "finetune" else "transfer"
+
+
+def work_of(run_dir: Path, stage: str) -> Path:
+    """Where the stage keeps what it resumes from: checkpoints, best, cache, blocks."""
+    return run_dir / "work" / stage_dir(stage)
 
 
 def stage_args(stage: str, run_dir: Path, data_dir: Path) -> list[str]:
@@ -82,10 +103,18 @@ def _env() -> dict[str, str]:
     return {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_to_end(args: list[str], log: Path) -> tuple[int, float, str]:
-    """Run to completion; returns (exit code, seconds, output)."""
+def file_size_limit(limit: Optional[int]) -> Optional[Callable[[], None]]:
+    """A ``preexec_fn`` capping every file the run writes at ``limit`` bytes (a full disk)."""
+    if limit is None:
+        return None
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def run_to_end(args: list[str], log: Path, fsize: Optional[int] = None) -> tuple[int, float, str]:
+    """Run to completion (writes past ``fsize`` bytes failing); returns (exit code, seconds, output)."""
     start = time.monotonic()
-    out = subprocess.run(command(args), cwd=ROOT, env=_env(), capture_output=True, text=True)
+    out = subprocess.run(command(args), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         preexec_fn=file_size_limit(fsize))  # fmt: skip
     text = out.stdout + out.stderr
     log.write_text(text)
     return out.returncode, time.monotonic() - start, text
@@ -105,20 +134,24 @@ def temp_entries(dirs: Callable[[], list[Path]], pattern: str) -> set[str]:
 
 @dataclass
 class Kill:
-    """When to kill: after ``delay`` seconds, or at the ``nth`` new temp entry in ``watch``
-    (matching ``pattern``); with ``done`` too, at the latest once ``nth`` entries matching
-    ``done`` exist (a write too quick for the poll to see its temp file)."""
+    """When to kill (with ``sig``): after ``delay`` seconds, or at the ``nth`` new temp entry in
+    ``watch`` (matching ``pattern``); with ``done`` too, at the latest once ``nth`` entries
+    matching ``done`` exist (a write too quick for the poll to see its temp file). ``label``
+    names the moment in the trial line."""
 
     delay: Optional[float] = None
     nth: Optional[int] = None
     watch: Optional[Callable[[], list[Path]]] = None
     pattern: str = ""
     done: str = ""
+    sig: int = signal.SIGKILL
+    label: str = ""
 
     def describe(self) -> str:
+        name = signal.Signals(self.sig).name
         if self.delay is not None:
-            return f"random kill (drawn {self.delay:.2f}s)"
-        return f"kill as {'cache shard' if self.done else 'checkpoint'} write #{self.nth} starts"
+            return f"random {name} (drawn {self.delay:.2f}s)"
+        return f"{name} as {self.label or ('cache shard' if self.done else 'checkpoint') + ' write'} #{self.nth} starts"
 
 
 class Inotify:
@@ -157,11 +190,18 @@ class Inotify:
 
 
 def run_and_kill(args: list[str], kill: Kill, log: Path) -> tuple[bool, str]:
-    """Start the run and SIGKILL it as ``kill`` says; returns (killed, what was seen)."""
+    """Start the run and kill it as ``kill`` says; returns (killed, what was seen)."""
     proc = subprocess.Popen(command(args), cwd=ROOT, env=_env(), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     start, seen, hit, done = time.monotonic(), set(), "", 0
     notify = Inotify() if kill.watch is not None else None
+    fired = []
+
+    def fire() -> None:  # the run's own process group, started above; at once: a write is under way
+        if not fired:
+            fired.append(time.monotonic())
+            os.killpg(proc.pid, kill.sig)
+
     try:
         while proc.poll() is None:
             if kill.delay is not None:
@@ -182,13 +222,13 @@ def run_and_kill(args: list[str], kill: Kill, log: Path) -> tuple[bool, str]:
                     seen.add(path)
                     # With ``done``, the nth write is the one that starts while nth - 1 are done.
                     if (done == kill.nth - 1) if kill.done else len(seen) >= kill.nth:
-                        os.killpg(proc.pid, signal.SIGKILL)  # at once: the write is under way
+                        fire()
                         hit = f"killed at {time.monotonic() - start:.2f}s as {name} was created"
                         break
             if not kill.done and not hit:  # a dir made with its parent is seen by listing only
                 seen |= temp_entries(kill.watch, kill.pattern)
                 if len(seen) >= kill.nth:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    fire()
                     hit = f"killed at {time.monotonic() - start:.2f}s as temp dir #{kill.nth} was listed"
             if hit:
                 break
@@ -201,16 +241,25 @@ def run_and_kill(args: list[str], kill: Kill, log: Path) -> tuple[bool, str]:
     if not hit:
         return False, f"not killed, finished (rc {proc.wait()}) first"
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the run's own process group, started above
+        fire()
+    except ProcessLookupError:
+        pass
+    if kill.sig != signal.SIGKILL:
+        try:
+            hit += f" (exit {proc.wait(timeout=60)})"
+        except subprocess.TimeoutExpired:
+            hit += " (still running 60s after SIGTERM: SIGKILLed)"
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
     except ProcessLookupError:
         pass
     proc.wait()
     return True, hit
 
 
-def checkpoint_dirs(out_dir: Path) -> list[Path]:
-    """Every ``checkpoints`` dir of a stage: the stage's own, and blockwise's per block."""
-    return [out_dir / "checkpoints", *sorted((out_dir / "blocks").glob("*/checkpoints"))]
+def checkpoint_dirs(work: Path) -> list[Path]:
+    """Every ``checkpoints`` dir of a stage's work dir: the stage's own, and blockwise's per block."""
+    return [work / "checkpoints", *sorted((work / "blocks").glob("*/checkpoints"))]
 
 
 def latest_state(ckpt_root: Path) -> tuple[Optional[int], str]:
@@ -240,19 +289,21 @@ def latest_state(ckpt_root: Path) -> tuple[Optional[int], str]:
     return step, path.name
 
 
-def output_weights(out_dir: Path) -> dict[str, bytes]:
-    """The bytes of every weight file a stage leaves (not its checkpoints)."""
-    files = [p for p in out_dir.rglob("*.safetensors") if "checkpoints" not in p.parts and "hidden_cache" not in p.parts]
-    return {str(p.relative_to(out_dir)): p.read_bytes() for p in sorted(files)}
+def output_weights(run_dir: Path, stage: str) -> dict[str, bytes]:
+    """The bytes of every weight file a stage leaves: its published output's, and its work dir's
+    best weights and finished blocks (not checkpoints, not the cache)."""
+    out, work = run_dir / stage_dir(stage), work_of(run_dir, stage)
+    files = [*out.rglob("*.safetensors"), *work.glob("best.safetensors"), *work.glob("blocks/*/block.safetensors")]
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(files)}
 
 
-def shard_bytes(out_dir: Path) -> dict[str, bytes]:
-    cache = out_dir / "hidden_cache"
+def shard_bytes(work: Path) -> dict[str, bytes]:
+    cache = work / "hidden_cache"
     return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.glob("*/shard-*.safetensors"))}
 
 
-def shard_stamps(out_dir: Path) -> dict[str, int]:
-    cache = out_dir / "hidden_cache"
+def shard_stamps(work: Path) -> dict[str, int]:
+    cache = work / "hidden_cache"
     return {str(p.relative_to(cache)): p.stat().st_mtime_ns for p in sorted(cache.glob("*/shard-*.safetensors"))}
 
 
@@ -273,33 +324,35 @@ class Outcome:
 
 def reference_run(stage: str, work: Path, data_dir: Path) -> Reference:
     run_dir = work / f"ref-{stage}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh start, also when the code changed
     if stage == "finetune":
         seed_transfer(run_dir, work / "ref-transfer")
     rc, seconds, text = run_to_end(stage_args(stage, run_dir, data_dir), work / f"ref-{stage}.log")
     if rc != 0:
         raise SystemExit(f"the uninterrupted {stage} run failed (rc {rc}):\n{text[-3000:]}")
-    out = run_dir / stage_dir(stage)
-    return Reference(run_dir, seconds, output_weights(out), shard_bytes(out) if stage == "blockwise" else {})
+    shards = shard_bytes(work_of(run_dir, stage)) if stage == "blockwise" else {}
+    return Reference(run_dir, seconds, output_weights(run_dir, stage), shards)
 
 
 def seed_transfer(run_dir: Path, transfer_ref: Path) -> None:
-    """Stage 2 starts from stage 1's output: copy the reference transfer dir into ``run_dir``."""
+    """Stage 2 starts from stage 1's output: copy the reference's published transfer dir
+    (not its work) into ``run_dir``."""
     src = transfer_ref / "transfer"
     if not (src / "linearize.json").is_file():
         raise SystemExit(f"{src} holds no finished stage-1 run; run the transfer reference first")
-    shutil.copytree(src, run_dir / "transfer", ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(src, run_dir / "transfer")
 
 
-def plan_kills(stage: str, index: int, rng: random.Random, ref: Reference, out_dir: Path, max_kills: int) -> list[Kill]:
+def plan_kills(stage: str, index: int, rng: random.Random, ref: Reference, stage_work: Path, max_kills: int) -> list[Kill]:
     """The kills of one trial. The first: as a checkpoint write starts in trials 1, 4, 7, …, as
     a cache shard write starts in ``blockwise``'s odd trials, else at a random delay. Later ones
     (the resumes killed again): at a random delay."""
     if stage == "blockwise" and index % 2 == 1:
         shards = len([k for k in ref.shards if k.startswith("train/")])
-        first = Kill(nth=rng.randint(1, shards), watch=lambda: [out_dir / "hidden_cache" / "train"],
+        first = Kill(nth=rng.randint(1, shards), watch=lambda: [stage_work / "hidden_cache" / "train"],
                      pattern=SHARD_TEMP, done=r"shard-\d+\.safetensors")  # fmt: skip
     elif index % 3 == 1:
-        first = Kill(nth=rng.randint(1, STEPS // EVAL_EVERY), watch=lambda: checkpoint_dirs(out_dir),
+        first = Kill(nth=rng.randint(1, STEPS // EVAL_EVERY), watch=lambda: checkpoint_dirs(stage_work),
                      pattern=r"\.step-\d+\.tmp-.*")  # fmt: skip
     else:
         first = Kill(delay=rng.uniform(0.0, ref.seconds))
@@ -314,13 +367,13 @@ def run_trial(stage: str, index: int, seed: int, ref: Reference, work: Path, dat
     shutil.rmtree(run_dir, ignore_errors=True)
     if stage == "finetune":
         seed_transfer(run_dir, work / "ref-transfer")
-    out_dir = run_dir / stage_dir(stage)
+    stage_work = work_of(run_dir, stage)  # what the kills watch and the checks read
     args = stage_args(stage, run_dir, data_dir)
     notes, lost = [], []
     attempt = 0
-    for kill in plan_kills(stage, index, rng, ref, out_dir, max_kills):
+    for kill in plan_kills(stage, index, rng, ref, stage_work, max_kills):
         run_args = args if attempt == 0 else [*args, "run.resume=true"]
-        before = shard_stamps(out_dir) if stage == "blockwise" and attempt else {}
+        before = shard_stamps(stage_work) if stage == "blockwise" and attempt else {}
         began = time.monotonic()
         killed, seen = run_and_kill(run_args, kill, work / f"{run_dir.name}.{attempt}.log")
         notes.append(f"{kill.describe()}: {seen}")
@@ -331,25 +384,25 @@ def run_trial(stage: str, index: int, seed: int, ref: Reference, work: Path, dat
                 ref.seconds = min(ref.seconds, time.monotonic() - began)
             break
         attempt += 1
-        for root in checkpoint_dirs(out_dir):
+        for root in checkpoint_dirs(stage_work):
             step, what = latest_state(root)
             if what.startswith("TORN"):
                 lost.append(what)
-            if step is not None and root == out_dir / "checkpoints":
+            if step is not None and root == stage_work / "checkpoints":
                 notes.append(f"latest {what}")
-        left = temp_entries(lambda: checkpoint_dirs(out_dir), r"\.step-\d+\.tmp-.*")
+        left = temp_entries(lambda: checkpoint_dirs(stage_work), r"\.step-\d+\.tmp-.*")
         if left:
             notes.append(f"{len(left)} checkpoint temp dir(s) left")
         if stage == "blockwise":
-            torn = [n for n in shard_stamps(out_dir) if not _reads(out_dir / "hidden_cache" / n)]
+            torn = [n for n in shard_stamps(stage_work) if not _reads(stage_work / "hidden_cache" / n)]
             if torn:
                 lost.append(f"torn shards kept: {torn}")
-            left = temp_entries(lambda: [out_dir / "hidden_cache" / "train", out_dir / "hidden_cache" / "val"], SHARD_TEMP)
-            notes.append(f"{len(shard_stamps(out_dir))} whole shards, {len(left)} temp files left")
-            _check_shards_kept(before, shard_stamps(out_dir), lost)
+            left = temp_entries(lambda: [stage_work / "hidden_cache" / "train", stage_work / "hidden_cache" / "val"], SHARD_TEMP)
+            notes.append(f"{len(shard_stamps(stage_work))} whole shards, {len(left)} temp files left")
+            _check_shards_kept(before, shard_stamps(stage_work), lost)
     # Resume to the end (once; the planned kills above may have killed resumes already).
-    expect, _ = latest_state(out_dir / "checkpoints")
-    before = shard_stamps(out_dir)
+    expect, _ = latest_state(stage_work / "checkpoints")
+    before = shard_stamps(stage_work)
     rc, _, text = run_to_end([*args, "run.resume=true"], work / f"{run_dir.name}.final.log")
     if rc != 0:
         lost.append(f"resume failed (rc {rc}): {text.strip().splitlines()[-1] if text.strip() else ''}")
@@ -358,13 +411,14 @@ def run_trial(stage: str, index: int, seed: int, ref: Reference, work: Path, dat
         if not m or int(m.group(1)) != expect:
             lost.append(f"latest was step {expect} but the resume {'started at ' + m.group(1) if m else 'started fresh'}")
     if stage == "blockwise":
-        if _check_shards_kept(before, shard_stamps(out_dir), lost):
+        if _check_shards_kept(before, shard_stamps(stage_work), lost):
             notes.append(f"resume left the {len(before)} finished shards untouched")
-        if rc == 0 and shard_bytes(out_dir) != ref.shards:
+        if rc == 0 and shard_bytes(stage_work) != ref.shards:
             lost.append("cache shards differ from the reference run's")
-    exact = rc == 0 and output_weights(out_dir) == ref.weights
+    weights = output_weights(run_dir, stage)
+    exact = rc == 0 and weights == ref.weights
     if rc == 0 and not exact:
-        notes.append("MISMATCH in " + ", ".join(_differing(output_weights(out_dir), ref.weights)))
+        notes.append("MISMATCH in " + ", ".join(_differing(weights, ref.weights)))
     verdict = "LOST" if lost else ("exact" if exact else "MISMATCH")
     line = f"{stage} trial {index} seed={seed}: " + "; ".join(notes + lost) + f" -> {verdict}"
     return Outcome(exact=exact and not lost, lost=bool(lost), line=line)
@@ -396,30 +450,77 @@ def _differing(got: dict[str, bytes], want: dict[str, bytes]) -> list[str]:
 
 def run_stage(stage: str, trials: int, seed: int, work: Path, data_dir: Path, max_kills: int = 2,
               only: Optional[tuple[int, int]] = None, blockwise_trials: int = 4) -> tuple[int, int, int]:  # fmt: skip
-    """All trials of one stage; returns (trials, exact, lost)."""
-    ref = reference_run(stage, work, data_dir)
-    print(f"== {stage}: reference run {ref.seconds:.1f}s, {len(ref.weights)} weight files", flush=True)
-    rng = random.Random(f"{seed}-{stage}")
-    seeds = [only] if only is not None else list(enumerate(rng.randrange(2**31) for _ in range(trials)))
+    """All trials of one mode; returns (trials, exact, lost)."""
+    if stage in PIPELINE_MODES:
+        return pipeline_module().run_mode(stage, trials, seed, work, data_dir, max_kills, only)
+
+    def make_ref() -> Reference:
+        if stage == "finetune":
+            reference_run("transfer", work, data_dir)  # stage 2 starts from stage 1's output
+        ref = reference_run(stage, work, data_dir)
+        print(f"== {stage}: reference run {ref.seconds:.1f}s, {len(ref.weights)} weight files", flush=True)
+        return ref
+
+    seeds = trial_seeds(stage, trials, seed, only)
     if stage == "blockwise" and only is None:
         seeds = seeds[:blockwise_trials]
-    exact = lost = 0
+    return run_trials(seeds, make_ref, lambda ref, i, s: run_trial(stage, i, s, ref, work, data_dir, max_kills))
+
+
+def trial_seeds(mode: str, trials: int, seed: int, only: Optional[tuple[int, int]]) -> list[tuple[int, int]]:
+    rng = random.Random(f"{seed}-{mode}")
+    return [only] if only is not None else list(enumerate(rng.randrange(2**31) for _ in range(trials)))
+
+
+def code_stamp() -> str:
+    """A hash of the code and configs the runs execute (others may edit them meanwhile)."""
+    h = hashlib.sha256()
+    for p in sorted([*(ROOT / "linearize").rglob("*.py"), *(ROOT / "configs").rglob("*.yaml")]):
+        h.update(str(p).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def run_trials(seeds: list[tuple[int, int]], make_ref: Callable[[], object],
+               trial: Callable[[object, int, int], Outcome], retries: int = 3) -> tuple[int, int, int]:  # fmt: skip
+    """Run the trials against ``make_ref()``'s reference; returns (trials, exact, lost). A trial
+    (or reference) during which linearize/ or configs/ changed compares two versions of the
+    code: it is run again, against a new reference."""
+    ref, stamp, exact, lost = None, None, 0, 0
     for i, trial_seed in seeds:
-        outcome = run_trial(stage, i, trial_seed, ref, work, data_dir, max_kills)
+        for attempt in range(retries + 1):
+            while stamp != code_stamp():
+                if stamp is not None:
+                    print("== linearize/ or configs/ changed: a new reference run", flush=True)
+                stamp = code_stamp()
+                ref = make_ref()
+            outcome = trial(ref, i, trial_seed)
+            if stamp == code_stamp() or attempt == retries:
+                break
+            print(f"(the code changed during this trial, run again) {outcome.line}", flush=True)
         print(outcome.line, flush=True)
         exact += outcome.exact
         lost += outcome.lost
     return len(seeds), exact, lost
 
 
+def pipeline_module():
+    """scripts/chaos_pipeline.py (the ``all`` and ``disk`` modes), which imports this module."""
+    sys.modules.setdefault("chaos_resume", sys.modules[__name__])
+    if str(Path(__file__).parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).parent))
+    import chaos_pipeline
+
+    return chaos_pipeline
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=10, help="trials per stage")
+    parser.add_argument("--trials", type=int, default=10, help="trials per mode")
     parser.add_argument("--seed", type=int, default=0, help="draws every trial's seed")
-    parser.add_argument("--stages", default="transfer,finetune,blockwise", help=f"comma-separated, of {','.join(STAGES)}")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"modes, comma-separated, of {','.join(STAGES)}")
     parser.add_argument("--max-kills", type=int, default=2, help="kills per trial are drawn from 1..this")
     parser.add_argument("--blockwise-trials", type=int, default=4, help="at most this many blockwise trials")
-    parser.add_argument("--replay", help="STAGE:TRIAL:SEED: rerun one trial as a trial line printed it")
+    parser.add_argument("--replay", help="MODE:TRIAL:SEED: rerun one trial as a trial line printed it")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--work", type=Path, default=None, help="where run dirs go (default: a temp dir, removed)")
     opts = parser.parse_args(argv)
@@ -434,20 +535,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     summary, failed = [], False
     start = time.monotonic()
     try:
-        if "finetune" in stages and "transfer" not in stages:
-            reference_run("transfer", work, data_dir)  # stage 2 starts from stage 1's output
         for stage in stages:
             only = (int(replay_index), int(replay_seed)) if opts.replay else None
+            began = time.monotonic()
             total, exact, lost = run_stage(stage, opts.trials, opts.seed, work, data_dir, opts.max_kills, only,
                                             opts.blockwise_trials)
-            summary.append((stage, total, exact, lost))
+            summary.append((stage, total, exact, lost, time.monotonic() - began))
             failed |= exact != total or lost > 0
     finally:
         if opts.work is None and not failed:
             shutil.rmtree(work, ignore_errors=True)
     print(f"({time.monotonic() - start:.0f}s; run dirs {'kept in ' + str(work) if failed or opts.work else 'removed'})")
-    for stage, total, exact, lost in summary:
-        print(f"== {stage}")
+    for stage, total, exact, lost, seconds in summary:
+        print(f"== {stage} ({seconds:.0f}s)")
         print(f"{total} trials, {exact} exact, {lost} lost")
     return 1 if failed else 0
 

@@ -101,6 +101,14 @@ def test_export_merged_then_deltas_leaves_no_stale_weights(run_dir):
     assert torch.equal(logits(run_dir / "export"), reference)  # LoRA applied once
 
 
+def test_a_publish_sweeps_what_a_killed_one_left(run_dir):
+    left = run_dir / ".export.tmp-killed"
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"half")
+    run("stage=export", f"run.dir={run_dir}")
+    assert not left.exists() and (run_dir / "export" / "linearize.json").is_file()
+
+
 def test_stage_all_redoes_an_export_whose_manifest_is_empty(run_dir):
     reference = logits(run_dir / "export")
     (run_dir / "export" / "linearize.json").write_text("")  # as a SIGTERM mid-write left it
