@@ -7,16 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
 
 from linearize.config import validate
 from linearize.models.convert import build_adapter
 from linearize.models.load import load_teacher
 from linearize.models.swap import swap_attention
 from linearize.stages import check_values, prepare
-from linearize.train import loop
 from linearize.train.finetune import DistillObjective, kd_loss, make_objective, teacher_view
-from tests.conftest import build_config, compose_config, data_root, kill_on_call
+from tests.conftest import build_config, compose_config, data_root
 
 TINY = ("model=tiny-llama", "attention=lolcats", "attention.window=8", "data.max_examples=120",
         "data.seq_len=64", "data.val_fraction=0.1", "train.grad_accum=1")  # fmt: skip
@@ -93,27 +91,16 @@ def test_distillation_lowers_the_kl_on_its_batch(tmp_path):
     assert kd[-1] < 0.8 * kd[0], kd
 
 
-def _finetune(tmp_path, out, *, resume=False, crash_at_call=None):
-    prep = prepared(tmp_path, "train.max_steps=4", "train.eval_every=1", "train.batch_size=2",
-                    "train.eval_batches=1", "train.lr=1e-3", "finetune.objective=kd")  # fmt: skip
-    swap_attention(prep.teacher, prep.config.attention)
-    model = build_adapter(prep.teacher, prep.config.adapter)
-    objective = make_objective(prep.config.finetune)
-    if crash_at_call is not None:
-        kill_on_call(objective, crash_at_call)
-    state = loop.train(model, objective, prep.data.train, prep.data.val, prep.config.train, out,
-                       accelerator=Accelerator(cpu=True), seed=0, resume=resume)  # fmt: skip
-    return state, loop.trainable_state(model)
-
-
 def test_kd_kill_and_resume_equals_uninterrupted(tmp_path):
-    state, full = _finetune(tmp_path / "a", tmp_path / "a" / "out")
-    assert len([h for h in state.history if "val/kd" in h]) == 5
+    from tests.test_finetune import _finetune
+
+    state, full = _finetune(tmp_path / "a", tmp_path / "a" / "out", "finetune.objective=kd")
+    assert len([h for h in state.history if "val/kd" in h]) == 7  # step 0 and every step
     out = tmp_path / "b" / "out"
     with pytest.raises(KeyboardInterrupt):
-        _finetune(tmp_path / "b", out, crash_at_call=6)
-    state, resumed = _finetune(tmp_path / "b", out, resume=True)
-    assert state.step == 4 and resumed.keys() == full.keys()
+        _finetune(tmp_path / "b", out, "finetune.objective=kd", crash_at_call=7)
+    state, resumed = _finetune(tmp_path / "b", out, "finetune.objective=kd", resume=True)
+    assert state.step == 6 and resumed.keys() == full.keys()
     for name in full:
         assert torch.equal(resumed[name], full[name]), name
 

@@ -20,7 +20,7 @@ from linearize.models.convert import (
 from linearize.models.swap import swap_attention
 from linearize.stages import preflight, prepare
 from linearize.train import loop
-from linearize.train.finetune import NextTokenObjective, run_finetune
+from linearize.train.finetune import NextTokenObjective, make_objective, run_finetune
 from linearize.train.transfer import run_transfer
 from tests.conftest import build_config, compose_config, data_root, kill_on_call
 
@@ -115,12 +115,13 @@ def test_finetune_needs_stage1_unless_told_to_swap(tmp_path):
                            f"run.dir={tmp_path}"))  # fmt: skip
 
 
-def _finetune(tmp_path, out, *, resume=False, crash_at_call=None):
+def _finetune(tmp_path, out, *overrides, resume=False, crash_at_call=None):
+    """6 steps of stage 2 through the loop (``overrides``: e.g. another finetune.objective)."""
     prep = prepared(tmp_path, "train.max_steps=6", "train.eval_every=1", "train.grad_accum=2",
-                    "train.batch_size=2", "train.eval_batches=1", "train.lr=1e-2")  # fmt: skip
+                    "train.batch_size=2", "train.eval_batches=1", "train.lr=1e-2", *overrides)  # fmt: skip
     swap_attention(prep.teacher, prep.config.attention)
     model = build_adapter(prep.teacher, prep.config.adapter)
-    objective = NextTokenObjective()
+    objective = make_objective(prep.config.finetune)
     if crash_at_call is not None:
         kill_on_call(objective, crash_at_call)
     state = loop.train(model, objective, prep.data.train, prep.data.val, prep.config.train, out,
