@@ -198,9 +198,8 @@ def adopt_source(config: Config, overrides: Iterable[str]) -> Config:
     explicit = explicit_sections(overrides)
     diff = []
     if "model" in explicit:
-        asked = _section_of(config.model, "model")
-        had = flat({k: v for k, v in (origin or asdict(teacher)).items() if k in asked_keys(asked)}, "model")
-        diff += differences(had, asked)
+        had = ModelConfig(**origin) if origin else teacher
+        diff += differences(_section_of(had, "model"), _section_of(config.model, "model"))
     if "attention" in explicit:
         ignore = ("attention.softmax_layers",)
         diff += differences(_section_of(attention, "attention"), _section_of(config.attention, "attention"), ignore)
@@ -218,6 +217,3 @@ def adopt_source(config: Config, overrides: Iterable[str]) -> Config:
         data = replace(data, format=recorded_format)
     return replace(config, model=teacher, attention=attention, run=replace(config.run, seed=seed), data=data)
 
-
-def asked_keys(asked: dict[str, Any]) -> set[str]:
-    return {k.split(".", 1)[1].split(".", 1)[0] for k in asked}

@@ -129,13 +129,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
-    """Write ``linearize.json`` last: it lists every other file of ``out_dir`` with its size."""
+def write_manifest(out_dir: Path, manifest: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """Write ``linearize.json`` last: ``manifest``, the stage's ``fingerprint`` and its hash, and
+    every other file of ``out_dir`` with its size."""
     files = {
         str(p.relative_to(out_dir)): p.stat().st_size
         for p in sorted(out_dir.rglob("*")) if p.is_file() and p.name != MANIFEST
     }  # fmt: skip
-    (out_dir / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=1, default=str))
+    whole = {**manifest, "fingerprint": fingerprint, "fingerprint_hash": fingerprint_hash(fingerprint), "files": files}
+    (out_dir / MANIFEST).write_text(json.dumps(whole, indent=1, default=str))
 
 
 def publish(run_dir: Path, stage: str, write: Callable[[Path], None]) -> Path:
@@ -256,8 +258,7 @@ def stage_status(run_dir: Path, stage: str, expected: dict[str, Any]) -> tuple[b
 
 def upstream_hash(run_dir: Path, stage: str) -> str:
     """The fingerprint hash of a finished upstream output (what a downstream fingerprint holds)."""
-    manifest = read_manifest(Path(run_dir) / stage)
-    return manifest.get("fingerprint_hash") or fingerprint_hash(manifest.get("fingerprint") or {})
+    return read_manifest(Path(run_dir) / stage)["fingerprint_hash"]
 
 
 # --- work state: what a resume continues ---------------------------------------------------------
@@ -282,6 +283,14 @@ def work_fingerprint(work: Path) -> Optional[dict[str, Any]]:
     if (work / FINGERPRINT).is_file():
         return read_json(work / FINGERPRINT, "the fingerprint", hint)
     return None
+
+
+def resume_differences(recorded: Optional[dict[str, Any]], expected: dict[str, Any]) -> list[str]:
+    """How the settings some work was made with (``recorded``; None when it records none) differ
+    from ``expected``, the run's length (``LENGTH_KEYS``) aside: empty when a resume may go on."""
+    if recorded is None:
+        return ["its settings: not recorded (made by an older linearize)"]
+    return differences(recorded, expected, LENGTH_KEYS)
 
 
 def start_work(work: Path, fp: dict[str, Any]) -> None:

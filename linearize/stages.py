@@ -20,12 +20,11 @@ from linearize.data import PackedData, local_files, prepare_data
 from linearize.fingerprint import adopt_source, check_chain, converted_source, stage_fingerprint
 from linearize.log import get_logger, process_rank
 from linearize.rundir import (
-    LENGTH_KEYS,
     RunDirError,
     check_safetensors,
-    differences,
     has_work,
     lock_run_dir,
+    resume_differences,
     shown,
     stage_status,
     work_dir,
@@ -277,13 +276,7 @@ def check_run_dir(config: Config) -> None:
             f"run.dir={run_dir} already holds an earlier stage={config.stage} run's work ({work}): resume it "
             f"with run.resume=true, or delete {work} to start stage {config.stage} over (or use another run.dir)"
         )
-    recorded = work_fingerprint(work)
-    if recorded is None:
-        raise RunDirError(
-            f"{work} records no settings (made by an older linearize), so a resume cannot be checked; "
-            f"delete {work} to start stage {config.stage} over"
-        )
-    diff = differences(recorded, stage_fingerprint(config, config.stage), LENGTH_KEYS)
+    diff = resume_differences(work_fingerprint(work), stage_fingerprint(config, config.stage))
     if diff:
         raise RunDirError(
             f"run.resume=true, but {work} was made with other settings (the run's -> now): {shown(diff)}. "
@@ -472,10 +465,9 @@ def run_all(config: Config, cfg: DictConfig, overrides: list[str]) -> None:
         work = work_dir(run_dir, stage)
         if has_work(work):
             try:
-                recorded = work_fingerprint(work)
-            except RunDirError:
-                recorded = None
-            diff = differences(recorded or {}, expected, LENGTH_KEYS) if recorded else ["no readable settings"]
+                diff = resume_differences(work_fingerprint(work), expected)
+            except RunDirError as err:  # its fingerprint file is damaged
+                diff = [str(err)]
             if diff:
                 log.warning("stage=all: discarding %s, made with other settings: %s", work, shown(diff))
                 shutil.rmtree(work)

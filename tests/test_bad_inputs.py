@@ -19,9 +19,9 @@ from torch import nn
 from linearize.config import DataConfig, TrainConfig, check_overrides
 from linearize.data import PackedData, Split, prepare_data, read_records
 from linearize.models.load import cached_gguf_dir, check_safetensors, check_teacher_files
-from linearize.stages import check_batches, preflight, write_resolved_config
+from linearize.stages import check_batches, preflight
 from linearize.train import loop
-from tests.conftest import ROOT, build_config, compose_config, data_root
+from tests.conftest import ROOT, build_config, data_root
 
 TINY = ("model=tiny-llama", "data.max_examples=60", "data.seq_len=64", "attention.window=8")
 

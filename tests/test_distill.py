@@ -3,8 +3,6 @@ same model object (adapters disabled, layers in teacher mode, no graph)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -12,26 +10,11 @@ from linearize.config import validate
 from linearize.models.convert import build_adapter
 from linearize.models.load import load_teacher
 from linearize.models.swap import swap_attention
-from linearize.stages import check_values, prepare
+from linearize.stages import check_values
 from linearize.train.finetune import DistillObjective, kd_loss, make_objective, teacher_view
-from tests.conftest import build_config, compose_config, data_root
-
-TINY = ("model=tiny-llama", "attention=lolcats", "attention.window=8", "data.max_examples=120",
-        "data.seq_len=64", "data.val_fraction=0.1", "train.grad_accum=1")  # fmt: skip
-
-
-def prepared(tmp_path: Path, *overrides: str):
-    dc = compose_config(*TINY, f"data_dir={data_root()}", f"run.dir={tmp_path}", *overrides)
-    return prepare(validate(dc), dc)
-
-
-def perturb(model) -> None:
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-
+from tests.conftest import build_config, compose_config
+from tests.test_finetune import TINY, prepared
+from tests.test_finetune import perturb_adapter as perturb
 
 def test_kd_loss_is_zero_exactly_for_equal_logits_and_positive_otherwise():
     logits = torch.randn(2, 5, 11)

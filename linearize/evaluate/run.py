@@ -11,7 +11,7 @@ from linearize.evaluate.report import compare, write_report
 from linearize.log import get_logger
 from linearize.fingerprint import check_chain, converted_source, stage_fingerprint
 from linearize.models.convert import apply_converted
-from linearize.rundir import fingerprint_hash, publish, write_manifest
+from linearize.rundir import publish, write_manifest
 
 log = get_logger(__name__)
 
@@ -67,7 +67,7 @@ def run_eval(prepared, accelerator=None, tracker=None) -> Path:
 
     def write(tmp: Path) -> None:
         written["text"] = write_report(rows, tmp, title, meta)
-        write_manifest(tmp, {"stage": "eval", "fingerprint": fingerprint, "fingerprint_hash": fingerprint_hash(fingerprint)})
+        write_manifest(tmp, {"stage": "eval"}, fingerprint)
 
     out_dir = publish(run_dir, "eval", write)
     log.info("evaluation report (%s):\n%s", out_dir, written["text"])

@@ -38,7 +38,7 @@ from linearize.log import get_logger
 from linearize.models.load import file_sha256, load_teacher, load_tokenizer, resolve_source
 from linearize.models.remote import write_remote_code
 from linearize.models.swap import set_mode, swap_attention
-from linearize.rundir import MANIFEST, fingerprint_hash, read_manifest, write_manifest
+from linearize.rundir import MANIFEST, read_manifest, write_manifest
 
 __all__ = ["MANIFEST", "apply_converted", "build_adapter", "load_converted", "read_manifest", "save_converted"]
 
@@ -117,13 +117,11 @@ def save_converted(
         "attention": asdict(replace(attention, softmax_layers=sorted(softmax_layers))),
         "adapter": asdict(adapter) if adapter is not None else None,
         **(extra or {}),
-        "fingerprint": fingerprint or {},
-        "fingerprint_hash": fingerprint_hash(fingerprint or {}),
     }
     write_remote_code(out_dir, plain.config.to_dict())
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    write_manifest(out_dir, manifest)
+    write_manifest(out_dir, manifest, fingerprint or {})
     return out_dir
 
 

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from linearize.config import TrainConfig
 from linearize.data import Split
 from linearize.log import Tracker, get_logger
-from linearize.rundir import FINGERPRINT, LENGTH_KEYS, RunDirError, differences, honour_umask, shown, write_dir_atomically
+from linearize.rundir import FINGERPRINT, RunDirError, honour_umask, read_json, resume_differences, shown, write_dir_atomically
 
 log = get_logger(__name__)
 
@@ -315,12 +315,8 @@ def check_fingerprint(ckpt: Path, fingerprint: dict) -> None:
         RunDirError: naming each differing key with the checkpoint's and this run's value.
     """
     own = ckpt / FINGERPRINT
-    if not own.is_file():
-        raise RunDirError(
-            f"checkpoint {ckpt} records no settings ({FINGERPRINT}: made by an older linearize), so a resume "
-            f"cannot be checked; delete {ckpt.parent} to start over"
-        )
-    diff = differences(json.loads(own.read_text()), fingerprint, LENGTH_KEYS)
+    recorded = read_json(own, "the checkpoint fingerprint", f"delete {ckpt.parent} to start over") if own.is_file() else None
+    diff = resume_differences(recorded, fingerprint)
     if diff:
         raise RunDirError(
             f"run.resume=true, but checkpoint {ckpt} was made with other settings (checkpoint -> now): "
