@@ -83,6 +83,11 @@ def converted_source(run_dir: Path, stage: str) -> Path:
     )
 
 
+def has_converted(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a converted model for eval to score."""
+    return any((Path(run_dir) / name / "linearize.json").is_file() for name in CONVERTED_STAGES)
+
+
 def stage_fingerprint(config: Config, stage: str) -> dict[str, Any]:
     """The settings ``stage`` computes its result from (see the module docstring)."""
     run_dir = Path(config.run.dir)
@@ -103,9 +108,11 @@ def stage_fingerprint(config: Config, stage: str) -> dict[str, Any]:
         fp.update(_section(config, "adapter"))
         if config.finetune.start == "transfer":
             fp["upstream.transfer"] = upstream_hash(run_dir, "transfer")
-    if stage in ("export", "eval"):
+    if stage == "export" or (stage == "eval" and has_converted(run_dir)):
         source = converted_source(run_dir, stage)
         fp[f"upstream.{source.name}"] = upstream_hash(run_dir, source.name)
+    elif stage == "eval":  # a run dir with no converted model: eval scores the teacher alone
+        fp["teacher_only"] = True
     if stage == "export":
         fp["export.merge"] = config.export.merge
     if stage == "eval":

@@ -9,8 +9,9 @@ run dir under --out, with the same training budget for every stage it runs (--st
 steps of --batch x --grad-accum rows of --seq-len tokens) and the same evaluation: PIQA, ARC-e,
 ARC-c, HellaSwag, WinoGrande 0-shot on the first --limit items, MMLU 5-shot on --mmlu-limit
 questions per subject, WikiText-2 perplexity on --ppl-tokens tokens. The runs resume: rerun the
-same command after an interruption and finished stages are skipped (a row's wall time adds up
-over its runs). At the end the table is written as markdown, json and a PNG chart. With --rows a
+same command after an interruption and the stages finished with these settings are skipped (by
+their fingerprints: a stage made with other settings runs again; a row's wall time adds up over
+its runs). At the end the table is written as markdown, json and a PNG chart. With --rows a
 subset and --json an existing table of the same budget, the rows not run keep their figures from
 that file, so one row can be rerun after a change without rerunning the others.
 """
@@ -77,37 +78,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def budget(args) -> list[str]:
+def budget(args, steps: int | None = None) -> list[str]:
+    """The training overrides: ``steps`` (default --steps) optimizer steps of --batch x
+    --grad-accum rows of --seq-len tokens, validated 4 times."""
+    steps = args.steps if steps is None else steps
     return [
-        f"train.max_steps={args.steps}", f"train.batch_size={args.batch}", f"train.grad_accum={args.grad_accum}",
+        f"train.max_steps={steps}", f"train.batch_size={args.batch}", f"train.grad_accum={args.grad_accum}",
         f"data.seq_len={args.seq_len}", f"data.max_examples={args.max_examples}",
-        f"train.eval_every={max(args.steps // 4, 1)}", "train.eval_batches=4",
+        f"train.eval_every={max(steps // 4, 1)}", "train.eval_batches=4",
     ]  # fmt: skip
 
 
-def evaluation(args) -> list[str]:
+def evaluation(args, tasks=None, task_limits=None) -> list[str]:
+    """The eval overrides: ``tasks`` (default TASKS, MMLU at --mmlu-limit) on --limit items each,
+    WikiText-2 on --ppl-tokens."""
+    tasks = TASKS if tasks is None else tasks
+    task_limits = {"mmlu": args.mmlu_limit} if task_limits is None else task_limits
     return [
-        f"eval.tasks=[{','.join(TASKS)}]", f"eval.limit={args.limit}", f"+eval.task_limits.mmlu={args.mmlu_limit}",
-        f"eval.ppl_tokens={args.ppl_tokens}", f"eval.batch_size={args.eval_batch}",
+        f"eval.tasks=[{','.join(tasks)}]", f"eval.limit={args.limit}", f"eval.ppl_tokens={args.ppl_tokens}",
+        f"eval.batch_size={args.eval_batch}", *(f"+eval.task_limits.{t}={n}" for t, n in task_limits.items() if t in tasks),
     ]  # fmt: skip
 
 
 def command(row: Row, args) -> list[str]:
     run = [f"run.dir={args.out / row.name}", "model=smollm2-135m", *args.extra]
-    if not row.stages:
-        return ["stage=eval", *run, *evaluation(args), "eval.teacher=true"]
     pipeline = f"pipeline=[{','.join([*row.stages, 'eval'])}]"
+    if not row.stages:  # a run dir with no converted model: eval scores the teacher alone
+        return ["stage=all", *run, pipeline, *evaluation(args), "eval.teacher=true"]
     return ["stage=all", *run, *row.overrides, pipeline, *budget(args), *evaluation(args), "eval.teacher=false"]
 
 
-def run_row(row: Row, args) -> bool:
-    """Run (or resume) one row; False when its command failed."""
-    run_dir = args.out / row.name
-    if (run_dir / "eval" / "report.json").is_file():
-        print(f"[{row.name}] done already ({run_dir})", flush=True)
-        return True
-    cmd = [sys.executable, "-m", "linearize", *command(row, args)]
-    print(f"[{row.name}] {' '.join(cmd[1:])}", flush=True)
+def run_linearize(overrides: list[str], run_dir: Path, tag: str) -> bool:
+    """``python -m linearize <overrides>``, its wall time added to ``run_dir/wall_seconds.json``
+    (so a run resumed over several calls counts all of them); False when it failed. With
+    ``stage=all``, the stages already done with these settings are skipped, so rerunning a
+    finished command costs a few seconds."""
+    cmd = [sys.executable, "-m", "linearize", *overrides]
+    print(f"[{tag}] {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT)
     wall = run_dir / "wall_seconds.json"
@@ -115,15 +122,24 @@ def run_row(row: Row, args) -> bool:
     run_dir.mkdir(parents=True, exist_ok=True)
     wall.write_text(json.dumps({"seconds": before + time.perf_counter() - start}))
     if done.returncode != 0:
-        print(f"[{row.name}] failed (exit {done.returncode}); see {run_dir / 'linearize.log'}", flush=True)
+        print(f"[{tag}] failed (exit {done.returncode}); see {run_dir / 'linearize.log'}", flush=True)
     return done.returncode == 0
+
+
+def run_row(row: Row, args) -> bool:
+    """Run (or resume) one row; False when its command failed."""
+    return run_linearize(command(row, args), args.out / row.name, row.name)
+
+
+def report_scores(run_dir: Path, side: str) -> dict:
+    """``{task: score}`` of one side (``teacher``/``converted``) of ``run_dir``'s eval report."""
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    return {r["task"]: r.get(side) for r in report["rows"] if "metric" in r}
 
 
 def collect(row: Row, args) -> dict:
     run_dir = args.out / row.name
-    report = json.loads((run_dir / "eval" / "report.json").read_text())
-    side = "teacher" if not row.stages else "converted"
-    scores = {r["task"]: r.get(side) for r in report["rows"] if "metric" in r}
+    scores = report_scores(run_dir, "teacher" if not row.stages else "converted")
     out = {"name": row.name, "label": row.label, "stages": row.stages, "scores": scores,
            "wall_seconds": json.loads((run_dir / "wall_seconds.json").read_text())["seconds"]}  # fmt: skip
     out["tokens_per_stage"] = args.steps * args.batch * args.grad_accum * args.seq_len if row.stages else 0

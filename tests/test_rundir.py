@@ -263,3 +263,18 @@ def test_lock_file_names_the_holder(tmp_path):
     lock_run_dir(tmp_path)
     text = (tmp_path / ".lock").read_text()
     assert text.startswith(f"PID {os.getpid()} on host ") and time.strftime("%Y-") in text
+
+
+def test_a_teacher_only_eval_is_fingerprinted_by_its_eval_settings(tmp_path):
+    """With no converted model, eval scores the teacher: stage=all must rerun it when the eval
+    settings change (its fingerprint holds them), and skip it when they do not."""
+    from linearize.fingerprint import stage_fingerprint
+
+    def fingerprint(*overrides):
+        return stage_fingerprint(build_config("stage=eval", "model=tiny-llama", f"run.dir={tmp_path}", *overrides), "eval")
+
+    base = fingerprint()
+    assert base["teacher_only"] is True and not any(k.startswith("upstream.") for k in base)
+    assert fingerprint() == base
+    assert fingerprint("eval.limit=5")["eval.limit"] == 5 != base["eval.limit"]
+    assert fingerprint("eval.ppl_tokens=64") != base

@@ -52,7 +52,7 @@ def run_eval(prepared, accelerator=None, tracker=None) -> Path:
         log.warning("no converted model in %s: scoring the teacher alone", run_dir)
     else:
         check_chain(source)
-    fingerprint = stage_fingerprint(cfg, "eval") if source is not None else {"stage": "eval", "teacher_only": True}
+    fingerprint = stage_fingerprint(cfg, "eval")
     teacher_scores = score(prepared.teacher, prepared.tokenizer, cfg) if cfg.eval.teacher or source is None else None
     converted_scores = None
     if source is not None:
