@@ -147,6 +147,9 @@ class AttentionConfig:
     """Output width of learned feature maps, per half for hedgehog's [Wx, -Wx]."""
     window: int = 0
     """Keys per query under exact softmax in the ``window``/``gated`` hybrids (0: linear only)."""
+    sinks: int = 0
+    """First keys of a sequence kept under the window's exact softmax for every later query
+    (``window`` kind; attention sinks: a softmax teacher parks much of its attention there)."""
     window_factor_init: float = -2.197
     """Initial logit of the learned per-head softmax/linear mixing factor (sigmoid⁻¹(0.1))."""
     mix: float = 0.5
@@ -172,6 +175,13 @@ class AttentionConfig:
         _choice("attention.feature_map", self.feature_map, FEATURE_MAPS)
         _positive("attention.feature_dim", self.feature_dim)
         _positive("attention.window", self.window, allow_zero=True)
+        _positive("attention.sinks", self.sinks, allow_zero=True)
+        if self.sinks and (self.kind != "window" or self.window == 0):
+            raise ValueError(
+                f"attention.sinks={self.sinks} needs the window hybrid's softmax part (kind=window, window > 0), "
+                f"but attention {self.name!r} has kind={self.kind}, window={self.window}: use attention=lolcats "
+                "or set attention.sinks=0"
+            )
         _positive("attention.chunk_size", self.chunk_size)
         _positive("attention.keep_softmax", self.keep_softmax, allow_zero=True)
         _positive("attention.gate_normalizer", self.gate_normalizer)

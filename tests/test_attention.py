@@ -56,7 +56,7 @@ def quadratic(mixer, p: Projected):
             return ref.linear_attn_quadratic(fq, fk, p.v, eps=lin.eps)
         return ref.window_attn_quadratic(
             p.q, p.k, p.v, fq, fk, window=mixer.window,
-            window_factor=torch.sigmoid(mixer.window_factor), scale=p.scale, eps=lin.eps,
+            window_factor=torch.sigmoid(mixer.window_factor), scale=p.scale, eps=lin.eps, sinks=mixer.sinks,
         )  # fmt: skip
     fq, fk = mixer.feature_q(p.q), mixer.feature_k(p.k)
     if hasattr(mixer, "gate"):
@@ -103,11 +103,11 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"T{s['t']}-H{s['h']}-KV{s['h_kv']}")
-@pytest.mark.parametrize("name", ATTENTIONS + ("liger-gla", "lolcats-w0", "hedgehog-f12"))
+@pytest.mark.parametrize("name", ATTENTIONS + ("liger-gla", "lolcats-w0", "hedgehog-f12", "lolcats-sinks"))
 def test_module_chunked_equals_quadratic_forward_and_grads(name, shape):
     base, _, variant = name.partition("-")
     window = 0 if variant in ("w0", "gla") else min(attention_cfg(base).window, 8)
-    extra = dict(feature_dim=12) if variant == "f12" else {}
+    extra = dict(feature_dim=12) if variant == "f12" else dict(sinks=4) if variant == "sinks" else {}
     cfg = attention_cfg(base, chunk_size=16, window=window, **extra)
     mixer = build_mixer(cfg, shape["h"], shape["h_kv"], 16)
     with torch.no_grad():  # move the learned parts away from their special initial values
@@ -126,9 +126,11 @@ def test_module_chunked_equals_quadratic_forward_and_grads(name, shape):
             assert_close(a, b, ratio=1e-4, atol=1e-5, what=f"{name} grad {i}")
 
 
-@pytest.mark.parametrize("name", ["lolcats", "hedgehog"])
+@pytest.mark.parametrize("name", ["lolcats", "hedgehog", "lolcats-sinks"])
 def test_module_chunked_equals_recurrent_steps(name):
-    cfg = attention_cfg(name, chunk_size=16, window=6)
+    name, _, variant = name.partition("-")
+    sinks = 4 if variant == "sinks" and name == "lolcats" else 0
+    cfg = attention_cfg(name, chunk_size=16, window=6, **({"sinks": sinks} if sinks else {}))
     mixer = build_mixer(cfg, 4, 2, 16)
     p = projected(t=29)
     lin = mixer.linear if hasattr(mixer, "linear") else mixer
@@ -140,6 +142,7 @@ def test_module_chunked_equals_recurrent_steps(name):
             y, state = ref.window_attn_step(
                 p.q[:, :, s], p.k[:, :, s], p.v[:, :, s], fq[:, :, s], fk[:, :, s], state,
                 window=6, window_factor=torch.sigmoid(mixer.window_factor), scale=p.scale, eps=cfg.eps,
+                sinks=sinks,
             )  # fmt: skip
         else:
             y, state = ref.linear_attn_step(fq[:, :, s], fk[:, :, s], p.v[:, :, s], state, eps=cfg.eps)
@@ -311,3 +314,15 @@ def test_swap_real_smollm2():
     assert report.new_parameters == 28 * ((9 + 3) * 64 * 64 + 9)
     with torch.no_grad():
         check_swapped(model, teacher_logits, x, softmax_layers=(0, 29))
+
+
+def test_sinks_need_the_window_hybrid_and_have_no_triton_kernel_yet():
+    with pytest.raises(ValueError, match=r"attention.sinks=4 needs the window hybrid.*kind=linear"):
+        build_config("attention=hedgehog", "attention.sinks=4")
+    with pytest.raises(ValueError, match=r"attention.sinks=4 needs.*window=0"):
+        build_config("attention=lolcats", "attention.window=0", "attention.sinks=4")
+    p = projected(t=9)
+    fq = fk = torch.rand(2, 4, 9, 8)
+    with pytest.raises(ops.BackendUnavailableError, match="no kernel for attention.sinks=4"):
+        ops.window_attn(p.q, p.k, p.v, fq, fk[:, :2], window=4, window_factor=torch.full((4,), 0.5),
+                        scale=p.scale, sinks=4, backend="triton")  # fmt: skip

@@ -22,6 +22,7 @@ from tests.conftest import build_config, compose_config, data_root
 VARIANTS = {
     "lolcats": ("attention=lolcats", "attention.window=4"),
     "lolcats+softmax0": ("attention=lolcats", "attention.window=4", "attention.softmax_layers=[0]"),
+    "lolcats+sinks": ("attention=lolcats", "attention.window=4", "attention.sinks=3"),
     "hedgehog": ("attention=hedgehog",),
     "t2r": ("attention=t2r",),
     "elu": ("attention=elu",),
@@ -61,8 +62,9 @@ def test_prefill_then_steps_equal_a_full_forward(variant):
     assert kinds == [expected, RecurrentState], kinds
 
 
-def test_decoding_state_does_not_grow_with_context():
-    model = converted(*VARIANTS["lolcats"])
+@pytest.mark.parametrize("variant", ["lolcats", "lolcats+sinks"])
+def test_decoding_state_does_not_grow_with_context(variant):
+    model = converted(*VARIANTS[variant])
     sizes = {}
     for context in (16, 64, 256):
         cache = DynamicCache(config=model.config)

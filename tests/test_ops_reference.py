@@ -145,10 +145,11 @@ def test_linear_step_matches_quadratic(t, heads, normalize):
     _assert_same_with_grads(impls, _linear_inputs(t, heads, f=24))
 
 
+@pytest.mark.parametrize("sinks", [0, 4], ids=lambda s: f"S{s}")
 @pytest.mark.parametrize("window", [1, 4, 64], ids=lambda w: f"W{w}")
 @pytest.mark.parametrize("t,chunk,heads", CHUNK_CASES, ids=CHUNK_IDS)
-def test_window_chunked_matches_quadratic(t, chunk, heads, window):
-    kw = {"window": window, "scale": D**-0.5}
+def test_window_chunked_matches_quadratic(t, chunk, heads, window, sinks):
+    kw = {"window": window, "scale": D**-0.5, "sinks": sinks}
     impls = {
         "quadratic": lambda **x: ref.window_attn_quadratic(**x, **kw),
         "chunked": lambda **x: ref.window_attn_chunked(**x, **kw, chunk_size=chunk),
@@ -156,10 +157,11 @@ def test_window_chunked_matches_quadratic(t, chunk, heads, window):
     _assert_same_with_grads(impls, _window_inputs(t, heads, f=24 if heads == "gqa" else 16))  # F != D too
 
 
+@pytest.mark.parametrize("sinks", [0, 4], ids=lambda s: f"S{s}")
 @pytest.mark.parametrize("window", [1, 4, 64], ids=lambda w: f"W{w}")
 @pytest.mark.parametrize("t,heads", STEP_CASES, ids=STEP_IDS)
-def test_window_step_matches_quadratic(t, heads, window):
-    kw = {"window": window, "scale": D**-0.5}
+def test_window_step_matches_quadratic(t, heads, window, sinks):
+    kw = {"window": window, "scale": D**-0.5, "sinks": sinks}
     impls = {
         "quadratic": lambda **x: ref.window_attn_quadratic(**x, **kw),
         "step": lambda **x: _step_loop(ref.window_attn_step, x, static=("window_factor",), **kw)[0],
@@ -220,12 +222,48 @@ def test_linear_state_continues(heads):
     _assert_same_with_grads(impls, _linear_inputs(63, heads))
 
 
+@pytest.mark.parametrize("sinks", [0, 4], ids=lambda s: f"S{s}")
 @pytest.mark.parametrize("window", [1, 4, 64], ids=lambda w: f"W{w}")
 @pytest.mark.parametrize("heads", HEADS)
-def test_window_state_continues(heads, window):
-    kw = {"window": window, "scale": D**-0.5, "chunk_size": 16}
+def test_window_state_continues(heads, window, sinks):
+    kw = {"window": window, "scale": D**-0.5, "chunk_size": 16, "sinks": sinks}
     impls = _split_impls(ref.window_attn_chunked, ref.window_attn_step, 29, static=("window_factor",), **kw)
     _assert_same_with_grads(impls, _window_inputs(63, heads))
+
+
+@pytest.mark.parametrize("split", [2, 5, 11])
+def test_window_state_continues_while_the_sinks_fill(split):
+    """A state made before every sink has left the window: the next keys to leave are sinks."""
+    kw = {"window": 3, "scale": D**-0.5, "chunk_size": 4, "sinks": 6}
+    impls = _split_impls(ref.window_attn_chunked, ref.window_attn_step, split, static=("window_factor",), **kw)
+    _assert_same_with_grads(impls, _window_inputs(23, "gqa"))
+    x = {n: t.detach() for n, t in _window_inputs(23, "gqa").items()}
+    _, state = ref.window_attn_chunked(**x, **kw, output_final_state=True)
+    assert state.sk.shape[2] == 6 and torch.equal(state.sk, ref.expand_kv(x["k"][:, :, :6].double(), 4))
+    assert torch.equal(state.sv, ref.expand_kv(x["v"][:, :, :6].double(), 4))
+
+
+def test_window_sinks_definition():
+    """Each query: softmax (max-shifted) over its window and the first `sinks` keys, the linear
+    scores over its other earlier keys, one normalizer; written out by hand."""
+    t, window, sinks, scale, eps = 20, 4, 3, 0.5, 1e-6
+    x = {n: v.detach() for n, v in _window_inputs(t, "mha").items()}
+    got = ref.window_attn_quadratic(**x, window=window, scale=scale, sinks=sinks, eps=eps)
+    want = torch.zeros_like(got)
+    for b, h, i in itertools.product(range(B), range(4), range(t)):
+        f = x["window_factor"][h]
+        soft = [j for j in range(i + 1) if i - j < window or j < sinks]
+        linear = [j for j in range(i + 1) if j not in soft]
+        s = torch.stack([scale * x["q"][b, h, i] @ x["k"][b, h, j] for j in soft])
+        e = torch.exp(s - s.max())
+        a = [x["fq"][b, h, i] @ x["fk"][b, h, j] for j in linear]
+        num = f * sum(e_ * x["v"][b, h, j] for e_, j in zip(e, soft)) + (1 - f) * sum(a_ * x["v"][b, h, j] for a_, j in zip(a, linear))
+        den = f * e.sum() + (1 - f) * sum(a, torch.tensor(0.0, dtype=e.dtype))
+        want[b, h, i] = num / (den + eps)
+    assert_close("sinks", got, want)
+    no_sinks = ref.window_attn_quadratic(**x, window=window, scale=scale, eps=eps)
+    assert (no_sinks - got)[:, :, window:].abs().max() > 1e-3  # a sink leaves the window at query `window`
+    torch.testing.assert_close(no_sinks[:, :, :window], got[:, :, :window], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("gate", ["feature", "scalar"])

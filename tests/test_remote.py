@@ -59,7 +59,7 @@ def remote_logits(directory: Path, x: torch.Tensor, tmp_path: Path) -> torch.Ten
 
 
 def test_merged_export_loads_with_transformers_alone(tmp_path):
-    prep = prepared(tmp_path, "finetune.start=swap")
+    prep = prepared(tmp_path, "finetune.start=swap", "attention.sinks=2")  # the sinks travel in the file too
     run_finetune(prep, prep.accelerator)
     out = run_export(prepared(tmp_path, "stage=export", "export.merge=true"))
     assert (out / "modeling_linearize.py").is_file()

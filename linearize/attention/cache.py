@@ -64,11 +64,11 @@ class RecurrentState(CacheLayerMixin):
         return -1  # no length dimension
 
     def nbytes(self) -> int:
-        return 0 if self.state is None else sum(x.numel() * x.element_size() for x in self.state)
+        return 0 if self.state is None else sum(x.numel() * x.element_size() for x in self.state if x is not None)
 
     def _map(self, fn: Callable[[Tensor], Tensor]) -> None:
         if self.state is not None:
-            self.state = type(self.state)(*(fn(x) for x in self.state))
+            self.state = type(self.state)(*(None if x is None else fn(x) for x in self.state))
 
     def offload(self) -> None:
         self._map(lambda x: x.to("cpu", non_blocking=True))

@@ -1,4 +1,5 @@
-"""LoLCATs: exact softmax over the last ``window`` keys plus linear attention beyond them.
+"""LoLCATs: exact softmax over the last ``window`` keys (and the first ``sinks`` keys of the
+sequence) plus linear attention over the others.
 
 One shared normalizer; the softmax share per head is sigmoid(window_factor), a learned
 parameter starting at ``window_factor_init`` (sigmoid⁻¹(0.1) in LoLCATs). With ``window=0``
@@ -21,7 +22,7 @@ class WindowAttention(nn.Module):
         super().__init__()
         self.linear = LinearAttention(cfg, n_heads, n_kv_heads, head_dim)
         self.window_factor = nn.Parameter(torch.full((n_heads,), cfg.window_factor_init))
-        self.window = cfg.window
+        self.window, self.sinks = cfg.window, cfg.sinks
 
     def forward(self, p: Projected) -> Tensor:
         if self.window == 0:
@@ -30,7 +31,7 @@ class WindowAttention(nn.Module):
         return ops.window_attn(
             p.q, p.k, p.v, lin.feature_q(p.q), lin.feature_k(p.k),
             window=self.window, window_factor=torch.sigmoid(self.window_factor), scale=p.scale,
-            eps=lin.eps, chunk_size=lin.chunk_size, backend=lin.backend,
+            eps=lin.eps, chunk_size=lin.chunk_size, backend=lin.backend, sinks=self.sinks,
         )  # fmt: skip
 
     def extend(self, p: Projected, state):
@@ -41,7 +42,7 @@ class WindowAttention(nn.Module):
         fq, fk = lin.feature_q(p.q), lin.feature_k(p.k)
         common = dict(
             window=self.window, window_factor=torch.sigmoid(self.window_factor), scale=p.scale,
-            eps=lin.eps, backend=lin.backend,
+            eps=lin.eps, backend=lin.backend, sinks=self.sinks,
         )  # fmt: skip
         if p.q.shape[2] == 1:
             return ops.window_attn_step(p.q, p.k, p.v, fq, fk, state, **common)
@@ -57,5 +58,5 @@ class WindowAttention(nn.Module):
         lin = self.linear
         return ops.window_attn_weights(
             p.q, p.k, lin.feature_q(p.q), lin.feature_k(p.k), window=self.window,
-            window_factor=torch.sigmoid(self.window_factor), scale=p.scale, eps=lin.eps,
+            window_factor=torch.sigmoid(self.window_factor), scale=p.scale, eps=lin.eps, sinks=self.sinks,
         )  # fmt: skip

@@ -127,27 +127,47 @@ def linear_attn_step(
     return impl.linear_attn_step(q, k, v, state, normalize=normalize, eps=eps)
 
 
+def _sinks_backend(backend: str, sinks: int) -> str:
+    """The backend for a window op with ``sinks``: the Triton kernels have no sinks yet, so
+    ``auto`` takes the reference (logged once) and ``triton`` is an error."""
+    if not sinks or backend == "reference":
+        return backend
+    if backend == "triton":
+        raise BackendUnavailableError(
+            f"attention.backend=triton has no kernel for attention.sinks={sinks} yet: use "
+            "attention.backend=auto or reference (the PyTorch forms), or attention.sinks=0"
+        )
+    if "sinks" not in _said_why:
+        _said_why.add("sinks")
+        log.info("attention.sinks=%d: the window attention runs the PyTorch reference (no Triton kernel yet)", sinks)
+    return "reference"
+
+
 def window_attn(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, *, window: int,
     window_factor: Tensor, scale: float, eps: float = 1e-6, chunk_size: int = 64,
     backend: str = "auto", initial_state: WindowState | None = None, output_final_state: bool = False,
+    sinks: int = 0,
 ) -> Tensor | tuple[Tensor, WindowState]:  # fmt: skip
-    """LoLCATs hybrid: softmax over the last ``window`` keys, linear beyond; see ``reference``."""
-    return _impl(backend, q.device).window_attn_chunked(
+    """LoLCATs hybrid: softmax over the last ``window`` keys and the first ``sinks``, linear over
+    the others; see ``reference``."""
+    return _impl(_sinks_backend(backend, sinks), q.device).window_attn_chunked(
         q, k, v, fq, fk, window=window, window_factor=window_factor, scale=scale,
         chunk_size=chunk_size, eps=eps, initial_state=initial_state,
-        output_final_state=output_final_state,
+        output_final_state=output_final_state, **({"sinks": sinks} if sinks else {}),
     )  # fmt: skip
 
 
 def window_attn_step(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, state: WindowState | None, *,
     window: int, window_factor: Tensor, scale: float, eps: float = 1e-6, backend: str = "auto",
+    sinks: int = 0,
 ) -> tuple[Tensor, WindowState]:  # fmt: skip
     """One decoding step of ``window_attn`` (one token in q, k, v, fq, fk)."""
-    impl = _step_impl(backend, q.device, q, k, v, fq, fk, window_factor, *(state or ()))
+    impl = _step_impl(_sinks_backend(backend, sinks), q.device, q, k, v, fq, fk, window_factor, *(state or ()))
     return impl.window_attn_step(
-        q, k, v, fq, fk, state, window=window, window_factor=window_factor, scale=scale, eps=eps
+        q, k, v, fq, fk, state, window=window, window_factor=window_factor, scale=scale, eps=eps,
+        **({"sinks": sinks} if sinks else {}),
     )
 
 

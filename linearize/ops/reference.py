@@ -52,15 +52,19 @@ class WindowState(NamedTuple):
     """State of the window hybrid after t tokens (compute dtype): exactly what query t needs.
 
     The cache holds the keys inside query t's window other than its own, positions
-    t - window + 1 .. t - 1 (W' <= window - 1 of them; none when window == 1). S and z hold every
-    earlier key (positions <= t - window); a key enters them when it leaves the cache.
+    t - window + 1 .. t - 1 (W' <= window - 1 of them; none when window == 1). A key leaving the
+    cache goes to the sinks while fewer than ``sinks`` have left (so the sinks are the first keys
+    of the sequence), else into S and z.
 
     Attributes:
-        S: (B, H, F, D) sum of fk_j^T v_j over keys that left the window.
-        z: (B, H, F) sum of fk_j over keys that left the window.
+        S: (B, H, F, D) sum of fk_j^T v_j over the non-sink keys that left the window.
+        z: (B, H, F) sum of fk_j over them.
         k: (B, H, W', Dk) raw (rotary-applied) keys in the window cache, oldest first.
         v: (B, H, W', D) their values.
         fk: (B, H, W', F) their feature-mapped keys, needed when they leave the window.
+        sk: (B, H, N, Dk) the sink keys that left the window (N <= sinks), under softmax for
+            every later query; None with no sinks.
+        sv: (B, H, N, D) their values.
     """
 
     S: Tensor
@@ -68,6 +72,8 @@ class WindowState(NamedTuple):
     k: Tensor
     v: Tensor
     fk: Tensor
+    sk: Tensor | None = None
+    sv: Tensor | None = None
 
 
 class GatedState(NamedTuple):
@@ -118,6 +124,11 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str] = ("
 def _check_positive(name: str, value: int) -> None:
     if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_sinks(sinks: int) -> None:
+    if not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"sinks must be an integer >= 0, got {sinks!r}")
 
 
 def _check_one_token(q: Tensor) -> None:
@@ -265,31 +276,42 @@ def _mix_factor(window_factor: Tensor, n_heads: int, dtype: torch.dtype) -> Tens
     return window_factor.to(dtype).view(1, n_heads, 1, 1)
 
 
-def _window_state(state: WindowState | None, q: Tensor, v: Tensor, fq: Tensor, window: int) -> list[Tensor]:
-    """Check a window state (or make the empty one) and return its fields in the compute dtype."""
+def _window_state(
+    state: WindowState | None, q: Tensor, v: Tensor, fq: Tensor, window: int, sinks: int = 0
+) -> list[Tensor]:
+    """Check a window state (or make the empty one) and return its seven fields in the compute
+    dtype (the sinks as (B, H, 0, .) tensors when there are none)."""
     b, h, _, dk = q.shape
     f, d = fq.shape[-1], v.shape[-1]
     w = 0 if state is None else state.k.shape[2]
-    shapes = ((b, h, f, d), (b, h, f), (b, h, w, dk), (b, h, w, d), (b, h, w, f))
+    n = 0 if state is None or state.sk is None else state.sk.shape[2]
+    shapes = ((b, h, f, d), (b, h, f), (b, h, w, dk), (b, h, w, d), (b, h, w, f), (b, h, n, dk), (b, h, n, d))
     if state is None:
         return [q.new_zeros(shape) for shape in shapes]
     if w > window - 1:
         raise ValueError(f"state caches {w} keys but window={window} keeps at most {window - 1}")
-    for name, x, shape in zip(WindowState._fields, state, shapes):
+    if n > sinks:
+        raise ValueError(f"state holds {n} sink keys but sinks={sinks}: it was made with other settings")
+    fields = [*state[:5], *(state[5:] if state.sk is not None else (q.new_zeros(shapes[5]), q.new_zeros(shapes[6])))]
+    for name, x, shape in zip(WindowState._fields, fields, shapes):
         _check_shape(f"state.{name}", x, shape)
-    return [x.to(q.dtype) for x in state]
+    return [x.to(q.dtype) for x in fields]
 
 
 def window_attn_quadratic(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, *,
-    window: int, window_factor: Tensor, scale: float, eps: float = 1e-6,
+    window: int, window_factor: Tensor, scale: float, eps: float = 1e-6, sinks: int = 0,
 ) -> Tensor:  # fmt: skip
-    """LoLCATs hybrid as T x T matrices: softmax over the last `window` keys, linear beyond.
+    """LoLCATs hybrid as T x T matrices: softmax over the last `window` keys and the first
+    `sinks` keys of the sequence, linear over the others.
 
-    With s_ij = scale q_i.k_j and m_i its max over the window (i - window < j <= i):
-    y_i = (f sum_win e^(s_ij - m_i) v_j + (1-f) sum_{j<=i-window} (fq_i.fk_j) v_j)
-          / (f sum_win e^(s_ij - m_i) + (1-f) sum_{j<=i-window} fq_i.fk_j + eps).
+    With s_ij = scale q_i.k_j, soft(i) = {j <= i: i - window < j or j < sinks} and m_i the max
+    of s_ij over soft(i):
+    y_i = (f sum_soft(i) e^(s_ij - m_i) v_j + (1-f) sum_{j<=i, j not in soft(i)} (fq_i.fk_j) v_j)
+          / (f sum_soft(i) e^(s_ij - m_i) + (1-f) sum_{j<=i, j not in soft(i)} fq_i.fk_j + eps).
     The linear terms are not rescaled by e^(-m_i), as in LoLCATs; every form uses the same m_i.
+    The sinks (StreamingLLM's attention sinks) keep under softmax the keys a softmax teacher
+    parks most of its attention on, which no bounded feature map can reproduce.
 
     Args:
         q: (B, H, T, Dk) raw (rotary-applied) queries; k: (B, H_kv, T, Dk) raw keys.
@@ -298,23 +320,29 @@ def window_attn_quadratic(
         window: softmax keys per query, the current one included (>= 1).
         window_factor: (H,) f in (0, 1), the softmax share per head.
         scale: softmax logit scale, usually Dk ** -0.5.
+        sinks: first keys of the sequence under softmax for every query (>= 0).
     Returns:
         y: (B, H, T, D) in v's dtype.
     """
     _check_window(q, k, v, fq, fk, window)
+    _check_sinks(sinks)
     dtype, h = v.dtype, q.shape[1]
     q, fq, k, v, fk = _up(h, v, q, fq, k, v, fk)
-    a = _window_scores(q, k, fq, fk, window, _mix_factor(window_factor, h, q.dtype), scale)
+    a = _window_scores(q, k, fq, fk, window, _mix_factor(window_factor, h, q.dtype), scale, sinks)
     return ((a @ v) / (a.sum(-1, keepdim=True) + eps)).to(dtype)
 
 
-def _window_scores(q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, window: int, f: Tensor, scale: float) -> Tensor:
-    """f e^(s - m) inside the window + (1 - f) fq.fk beyond it, unnormalized: (B, H, T, T)."""
+def _window_scores(
+    q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, window: int, f: Tensor, scale: float, sinks: int = 0
+) -> Tensor:
+    """f e^(s - m) over the window and the sinks + (1 - f) fq.fk over the other earlier keys,
+    unnormalized: (B, H, T, T)."""
     t = q.shape[2]
     dist = _distance(t, t, 0, q.device)  # (T, T)
-    s = (q @ k.mT * scale).masked_fill((dist < 0) | (dist >= window), float("-inf"))
-    a_sm = torch.exp(s - s.amax(-1, keepdim=True))  # 0 outside the window
-    a_ln = (fq @ fk.mT).masked_fill(dist < window, 0.0)
+    soft = (dist >= 0) & ((dist < window) | (torch.arange(t, device=q.device) < sinks)[None, :])
+    s = (q @ k.mT * scale).masked_fill(~soft, float("-inf"))
+    a_sm = torch.exp(s - s.amax(-1, keepdim=True))  # 0 outside the window and the sinks
+    a_ln = (fq @ fk.mT).masked_fill(soft | (dist < 0), 0.0)
     return f * a_sm + (1 - f) * a_ln
 
 
@@ -348,7 +376,7 @@ def _earlier_blocks(x: Tensor, m: int) -> Tensor:
 def window_attn_chunked(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, *,
     window: int, window_factor: Tensor, scale: float, chunk_size: int = 64, eps: float = 1e-6,
-    initial_state: WindowState | None = None, output_final_state: bool = False,
+    initial_state: WindowState | None = None, output_final_state: bool = False, sinks: int = 0,
 ) -> Tensor | tuple[Tensor, WindowState]:  # fmt: skip
     """LoLCATs hybrid in blocks of ``chunk_size`` tokens, all blocks at once, for any window.
 
@@ -359,6 +387,8 @@ def window_attn_chunked(
     of the blocks' fkᵀv. Memory is linear in T (per block: chunk_size x (m+1) chunk_size scores,
     and one F x D state). The query heads of a kv head are stacked as rows of one product, so
     keys are not repeated per query head (without an initial state, whose cache is per query head).
+    The sink keys (at most ``sinks``) join every block's softmax once they are beyond its window;
+    their feature-mapped keys are zeroed for the linear terms.
 
     Args: as `window_attn_quadratic`, plus
         chunk_size: tokens per block (>= 1).
@@ -369,17 +399,22 @@ def window_attn_chunked(
     """
     _check_window(q, k, v, fq, fk, window)
     _check_positive("chunk_size", chunk_size)
+    _check_sinks(sinks)
     dtype, (b, h, t, _), d = v.dtype, q.shape, v.shape[-1]
     f = _mix_factor(window_factor, h, torch.promote_types(v.dtype, torch.float32))
     if initial_state is None:
         q, fq, k, v, fk = (x.to(f.dtype) for x in (q, fq, k, v, fk))  # keys stay per kv head
         s0 = z0 = None
+        sk0, sv0 = k[:, :, :0], v[:, :, :0]
         p = 0
     else:
         q, fq, k, v, fk = _up(h, v, q, fq, k, v, fk)
-        s0, z0, kw, vw, fkw = _window_state(initial_state, q, v, fq, window)
+        s0, z0, kw, vw, fkw, sk0, sv0 = _window_state(initial_state, q, v, fq, window, sinks)
         p = kw.shape[2]
         k, v, fk = torch.cat([kw, k], 2), torch.cat([vw, v], 2), torch.cat([fkw, fk], 2)
+    # The next keys to leave the window are sinks while sink slots remain: the first r of [cache, new].
+    r = min(sinks - sk0.shape[2], p + t)
+    fk_lin = torch.cat([torch.zeros_like(fk[:, :, :r]), fk[:, :, r:]], 2) if r else fk
     hk = k.shape[1]
     g = h // hk  # query heads per key head, stacked as rows below
     c = min(chunk_size, p + t)
@@ -388,38 +423,52 @@ def window_attn_chunked(
     f_rows = f.view(hk, g, 1).expand(hk, g, c).reshape(1, hk, 1, g * c, 1)  # f per query row
     qb, fqb = _query_rows(q * scale, n, c, p, hk), _query_rows(fq, n, c, p, hk) * (1 - f_rows)  # (1 - f) rides on fq
     v1 = torch.cat([v, torch.ones_like(v[..., :1])], -1)  # a ones column: the normalizer rides along
-    kb, vb, fkb = (_block_rows(x, n, c, 0) for x in (k, v1, fk))  # (B, Hk, n, c, .)
+    kb, vb, fkb = (_block_rows(x, n, c, 0) for x in (k, v1, fk_lin))  # (B, Hk, n, c, .)
     kn, vn, fkn = (_earlier_blocks(x, m) for x in (kb, vb, fkb))  # (B, Hk, n, (m+1) c, .)
     # Query a of block j sits at j c + a; near key i at (j - m) c + i: distance m c + a - i.
     dist = _distance(c, (m + 1) * c, m * c, q.device).repeat(g, 1)  # (g c, (m+1) c), every block
     key_pos = (torch.arange(n, device=q.device)[:, None] - m) * c + torch.arange((m + 1) * c, device=q.device)
     outside = (dist < 0) | (dist >= window) | (key_pos < 0)[:, None, :]  # (n, g c, (m+1) c)
     sc = (qb @ kn.mT).masked_fill(outside, float("-inf"))
-    a_sm = torch.exp(sc - sc.amax(-1, keepdim=True))
+    top = sc.amax(-1, keepdim=True)
+    ks, vs = torch.cat([sk0, k[:, :, :r]], 2), torch.cat([sv0, v1[:, :, :r, :d]], 2)  # the sink keys
+    if ks.shape[2]:
+        # Query a of block j sits at j c + a: a sink key i of [cache, new] has left its window
+        # when j c + a - i >= window; the state's sinks left before any of these queries.
+        pos = (torch.arange(n, device=q.device)[:, None] * c + torch.arange(c, device=q.device)).repeat(1, g)
+        left = pos[:, :, None] - torch.arange(-sk0.shape[2], r, device=q.device) >= window  # (n, g c, ns)
+        left[..., : sk0.shape[2]] = True
+        ss = (qb @ ks.unsqueeze(2).mT).masked_fill(~left, float("-inf"))  # (B, Hk, n, g c, ns)
+        top = torch.maximum(top, ss.amax(-1, keepdim=True))
+    a_sm = torch.exp(sc - top)
     a = torch.addcmul((fqb @ fkn.mT).masked_fill(dist < window, 0.0), f_rows, a_sm)  # (B, Hk, n, g c, (m+1) c)
     # Keys of blocks before j - m are beyond every window of block j: [S, z] from a cumsum.
     older = F.pad((fkb.mT @ vb).cumsum(2), (0, 0, 0, 0, m + 1, 0))[:, :, :n]  # (B, Hk, n, F, D + 1)
     full = a @ vn + fqb @ older  # (B, Hk, n, g c, D + 1): numerator, denominator
+    if ks.shape[2]:
+        vs1 = torch.cat([vs, torch.ones_like(vs[..., :1])], -1).unsqueeze(2)
+        full = full + f_rows * (torch.exp(ss - top) @ vs1)
     if s0 is not None:  # per query head (g == 1 here)
         full = full + fqb @ torch.cat([s0, z0.unsqueeze(-1)], -1).unsqueeze(2)
     y = _query_heads_back(full[..., :d] / (full[..., d:] + eps), c, p, t).to(dtype)
     if not output_final_state:
         return y
     n_out = max(p + t - (window - 1), 0)  # keys outside the window of the last query and later
-    s_, z = fk[:, :, :n_out].mT @ v[:, :, :n_out], fk[:, :, :n_out].sum(2)
+    s_, z = fk_lin[:, :, :n_out].mT @ v[:, :, :n_out], fk_lin[:, :, :n_out].sum(2)
     kw, vw, fkw = k[:, :, n_out:], v[:, :, n_out:], fk[:, :, n_out:]
+    sk, sv = ks[:, :, : sk0.shape[2] + min(r, n_out)], vs[:, :, : sk0.shape[2] + min(r, n_out)]
     if s0 is None:
-        s_, z, kw, vw, fkw = (expand_kv(x, h) for x in (s_, z, kw, vw, fkw))
+        s_, z, kw, vw, fkw, sk, sv = (expand_kv(x, h) for x in (s_, z, kw, vw, fkw, sk, sv))
     else:
         s_, z = s0 + s_, z0 + z
-    return y, WindowState(s_, z, kw, vw, fkw)
+    return y, WindowState(s_, z, kw, vw, fkw, *((sk, sv) if sinks else (None, None)))
 
 
 def window_attn_step(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, state: WindowState | None = None, *,
-    window: int, window_factor: Tensor, scale: float, eps: float = 1e-6,
+    window: int, window_factor: Tensor, scale: float, eps: float = 1e-6, sinks: int = 0,
 ) -> tuple[Tensor, WindowState]:  # fmt: skip
-    """One token of the LoLCATs hybrid: softmax over cache + itself, linear over (S, z).
+    """One token of the LoLCATs hybrid: softmax over sinks + cache + itself, linear over (S, z).
 
     Args:
         q: (B, H, 1, Dk); k: (B, H_kv, 1, Dk); v: (B, H_kv, 1, D);
@@ -430,19 +479,25 @@ def window_attn_step(
     """
     _check_window(q, k, v, fq, fk, window)
     _check_one_token(q)
+    _check_sinks(sinks)
     dtype, h = v.dtype, q.shape[1]
     q, fq, k, v, fk = _up(h, v, q, fq, k, v, fk)
     f = _mix_factor(window_factor, h, q.dtype)
-    s_, z, kw, vw, fkw = _window_state(state, q, v, fq, window)
+    s_, z, kw, vw, fkw, sk, sv = _window_state(state, q, v, fq, window, sinks)
     kx, vx, fkx = torch.cat([kw, k], 2), torch.cat([vw, v], 2), torch.cat([fkw, fk], 2)  # (B, H, W'+1, .)
-    s = q @ kx.mT * scale  # (B, H, 1, W'+1): every cached key is inside this query's window
+    ks, vs = torch.cat([sk, kx], 2), torch.cat([sv, vx], 2)  # the sinks have left the window: softmax too
+    s = q @ ks.mT * scale  # (B, H, 1, N + W'+1): every cached key is inside this query's window
     a_sm = torch.exp(s - s.amax(-1, keepdim=True))
-    num = f * (a_sm @ vx) + (1 - f) * (fq @ s_)
+    num = f * (a_sm @ vs) + (1 - f) * (fq @ s_)
     den = f * a_sm.sum(-1, keepdim=True) + (1 - f) * (fq @ z.unsqueeze(-1))
     n_out = max(kx.shape[2] - (window - 1), 0)  # the oldest key leaves once the cache is full
-    s_ = s_ + fkx[:, :, :n_out].mT @ vx[:, :, :n_out]
-    z = z + fkx[:, :, :n_out].sum(2)
-    return (num / (den + eps)).to(dtype), WindowState(s_, z, kx[:, :, n_out:], vx[:, :, n_out:], fkx[:, :, n_out:])
+    to_sinks = min(sinks - sk.shape[2], n_out)  # it is a sink while sink slots remain
+    sk, sv = torch.cat([sk, kx[:, :, :to_sinks]], 2), torch.cat([sv, vx[:, :, :to_sinks]], 2)
+    s_ = s_ + fkx[:, :, to_sinks:n_out].mT @ vx[:, :, to_sinks:n_out]
+    z = z + fkx[:, :, to_sinks:n_out].sum(2)
+    sinks_state = (sk, sv) if sinks else (None, None)
+    state = WindowState(s_, z, kx[:, :, n_out:], vx[:, :, n_out:], fkx[:, :, n_out:], *sinks_state)
+    return (num / (den + eps)).to(dtype), state
 
 
 def _gate(g: Tensor, k: Tensor, v: Tensor, n_heads: int) -> Tensor:
@@ -612,14 +667,15 @@ def linear_attn_weights(q: Tensor, k: Tensor, *, eps: float = 1e-6) -> Tensor:
 
 def window_attn_weights(
     q: Tensor, k: Tensor, fq: Tensor, fk: Tensor, *, window: int, window_factor: Tensor,
-    scale: float, eps: float = 1e-6,
+    scale: float, eps: float = 1e-6, sinks: int = 0,
 ) -> Tensor:  # fmt: skip
     """The (B, H, T, T) weights of `window_attn_quadratic` (softmax and linear parts, one
     normalizer): y = weights @ v."""
     _check_positive("window", window)
+    _check_sinks(sinks)
     h = q.shape[1]
     q, fq, k, fk = _up(h, q, q, fq, k, fk)
-    a = _window_scores(q, k, fq, fk, window, _mix_factor(window_factor, h, q.dtype), scale)
+    a = _window_scores(q, k, fq, fk, window, _mix_factor(window_factor, h, q.dtype), scale, sinks)
     return a / (a.sum(-1, keepdim=True) + eps)
 
 
