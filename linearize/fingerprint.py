@@ -181,6 +181,26 @@ def recorded_value(source: Path, key: str) -> Optional[Any]:
     return None
 
 
+def _adopt_transfer_attention(config: Config, overrides: Iterable[str]) -> Config:
+    """Stage 2 from stage 1 trains the attention stage 1 made: ``config`` with that attention,
+    or RunDirError when the command line sets another one (it would not be what trains)."""
+    source = Path(config.run.dir) / "transfer"
+    if not (source / "linearize.json").is_file():
+        return config  # preflight names the missing stage-1 output
+    attention = AttentionConfig(**read_manifest(source)["attention"])
+    diff = []
+    if "attention" in explicit_sections(overrides):
+        ignore = ("attention.softmax_layers",)
+        diff = differences(_section_of(attention, "attention"), _section_of(config.attention, "attention"), ignore)
+    if diff:
+        raise RunDirError(
+            f"stage=finetune starts from the stage-1 model in {source}, made with another attention than this "
+            f"command line gives (the run's -> the command line's): {shown(diff)}. Drop these overrides (stage 2 "
+            "trains the attention stage 1 made), run stage=transfer again with them, or use finetune.start=swap"
+        )
+    return replace(config, attention=attention)
+
+
 def adopt_source(config: Config, overrides: Iterable[str]) -> Config:
     """For a read-only stage: ``config`` with the teacher, seed, attention (and the data format
     generate templates prompts with) of the converted model it reads.
@@ -189,6 +209,8 @@ def adopt_source(config: Config, overrides: Iterable[str]) -> Config:
         RunDirError: when the command line sets any of them to something else, naming each key
             with the run's value and the command line's.
     """
+    if config.stage == "finetune" and config.finetune.start == "transfer":
+        return _adopt_transfer_attention(config, overrides)
     if config.stage not in READ_ONLY_STAGES:
         return config
     try:
