@@ -88,13 +88,18 @@ def position_table(by_position: dict[str, list[dict[str, Any]]], task: str) -> l
     sides = list(by_position)
     labels = list(dict.fromkeys(_bucket_label(b) for side in sides for b in by_position[side]))
     lines = [f"Loss by position ({task}, mean nats per token; position = tokens of context)", "",
-             "| positions | " + " | ".join(sides) + " | ppl " + " | ppl ".join(sides) + " |",
-             "|---|" + "---|" * (2 * len(sides))]  # fmt: skip
+             "| positions | tokens | " + " | ".join(sides) + " | ppl " + " | ppl ".join(sides) + " |",
+             "|---|---|" + "---|" * (2 * len(sides))]  # fmt: skip
     for label in labels:
-        nll = [next((b["nll"] for b in by_position[side] if _bucket_label(b) == label), None) for side in sides]
-        cells = [f"{v:.4f}" if v is not None else "–" for v in nll]
+        found = [next((b for b in by_position[side] if _bucket_label(b) == label), None) for side in sides]
+        nll = [b["nll"] if b else None for b in found]
+        cells = [str(next((b["tokens"] for b in found if b), "–"))]
+        cells += [f"{v:.4f}" if v is not None else "–" for v in nll]
         cells += [f"{math.exp(v):.4g}" if v is not None else "–" for v in nll]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "(With eval.ppl_stride < eval.ppl_seq_len only the first window scores positions below "
+              "seq_len - stride, so those buckets hold other text than the later ones; compare teacher and "
+              "converted within a bucket, or set eval.ppl_stride=eval.ppl_seq_len for the same text in every bucket.)"]  # fmt: skip
     return lines
 
 

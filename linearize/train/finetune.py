@@ -48,11 +48,15 @@ class NextTokenObjective:
     def loss(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
         return self.from_logits(model(input_ids=inputs, use_cache=False).logits, labels)
 
-    def from_logits(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
-        """The loss of logits (B, T, V) already computed for ``labels`` (B, T)."""
-        logits = logits[:, :-1]  # (B, T-1, V)
+    def from_logits(self, logits: Tensor, labels: Tensor, log_probs: bool = False) -> tuple[Tensor, dict]:
+        """The loss of logits (B, T, V) already computed for ``labels`` (B, T); with
+        ``log_probs``, ``logits`` are already log-softmaxed (fp32), and are not again."""
+        logits = logits[:, :-1].flatten(0, 1)  # (B (T-1), V)
         targets = labels[:, 1:]
-        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        if log_probs:
+            total = F.nll_loss(logits, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        else:
+            total = F.cross_entropy(logits.float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         count = (targets != IGNORE_INDEX).sum().float()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(count)
@@ -89,9 +93,14 @@ def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """KL(teacher ‖ student) of the distributions at ``temperature`` over the vocabulary, mean over
     every position, times T² (Hinton et al.: the gradients keep their size as T changes).
     Logits (B, T, V); exactly 0 when the two are equal."""
+    log_s = F.log_softmax(student.float() / temperature, dim=-1)
+    return kd_from_log_probs(log_s, teacher, temperature)
+
+
+def kd_from_log_probs(log_s: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """:func:`kd_loss` from the student's log-probabilities at ``temperature`` (B, T, V)."""
     log_t = F.log_softmax(teacher.float() / temperature, dim=-1).flatten(0, 1)  # (B*T, V)
-    log_s = F.log_softmax(student.float() / temperature, dim=-1).flatten(0, 1)
-    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
+    return F.kl_div(log_s.flatten(0, 1), log_t, log_target=True, reduction="batchmean") * temperature**2
 
 
 class DistillObjective:
@@ -108,8 +117,13 @@ class DistillObjective:
         with torch.no_grad(), teacher_view(model):
             teacher = model(input_ids=inputs, use_cache=False).logits  # (B, T, V)
         student = model(input_ids=inputs, use_cache=False).logits
-        kd = kd_loss(student, teacher, self.temperature)
-        ntp, info = self.ntp.from_logits(student, labels)
+        log_s = F.log_softmax(student.float() / self.temperature, dim=-1)
+        kd = kd_from_log_probs(log_s, teacher, self.temperature)
+        del teacher
+        if self.temperature == 1:  # the same log-probabilities give the next-token loss
+            ntp, info = self.ntp.from_logits(log_s, labels, log_probs=True)
+        else:
+            ntp, info = self.ntp.from_logits(student, labels)
         loss = kd if self.kd_weight == 1 else self.kd_weight * kd + (1 - self.kd_weight) * ntp
         return loss, {"kd": kd.item(), "ntp": ntp.item(), **info}
 
