@@ -51,7 +51,7 @@ def test_the_report_shows_the_loss_by_position(tmp_path):
     rows = compare({"wikitext2": {"metric": "ppl", "value": 10.0, "by_position": by(2.0)}},
                    {"wikitext2": {"metric": "ppl", "value": 20.0, "by_position": by(3.0)}})  # fmt: skip
     text = write_report(rows, tmp_path, "t", {})
-    assert "| 0–64 | 2.0000 | 3.0000 | 7.389 | 20.09 |" in text and "| 64+ | 3.0000 | 4.0000 |" in text
+    assert "| 0–64 | 10 | 2.0000 | 3.0000 | 7.389 | 20.09 |" in text and "| 64+ | 5 | 3.0000 | 4.0000 |" in text
     assert (tmp_path / "position.png").stat().st_size > 1000
 
 
