@@ -182,6 +182,11 @@ class AttentionConfig:
                 f"but attention {self.name!r} has kind={self.kind}, window={self.window}: use attention=lolcats "
                 "or set attention.sinks=0"
             )
+        if self.sinks and self.backend == "triton":
+            raise ValueError(
+                f"attention.backend=triton has no kernel for attention.sinks={self.sinks} yet: use "
+                "attention.backend=auto (the PyTorch forms) or attention.sinks=0"
+            )
         _positive("attention.chunk_size", self.chunk_size)
         _positive("attention.keep_softmax", self.keep_softmax, allow_zero=True)
         _positive("attention.gate_normalizer", self.gate_normalizer)

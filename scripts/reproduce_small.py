@@ -45,10 +45,13 @@ ROWS = [
     Row("elu-lora", "elu, LoRA only (no transfer)", ["attention=elu", "finetune.start=swap"], ["finetune"]),
     Row("t2r", "t2r, transfer + LoRA", ["attention=t2r"], ["transfer", "finetune"]),
     Row("hedgehog", "hedgehog, transfer + LoRA", ["attention=hedgehog"], ["transfer", "finetune"]),
-    Row("lolcats", "lolcats (window 64), transfer + LoRA", ["attention=lolcats"], ["transfer", "finetune"]),
-    Row("liger", "liger, LoRA only", ["recipe=liger"], ["finetune"]),
-    Row("lolcats-keep2", "lolcats + 2 worst layers softmax", ["attention=lolcats", "attention.keep_softmax=2"],
+    Row("lolcats", "lolcats (window 64), transfer + LoRA", ["attention=lolcats", "attention.sinks=0"],
         ["transfer", "finetune"]),  # fmt: skip
+    Row("lolcats-sinks", "lolcats + 4 sinks, transfer + LoRA", ["attention=lolcats", "attention.sinks=4"],
+        ["transfer", "finetune"]),  # fmt: skip
+    Row("liger", "liger, LoRA only", ["recipe=liger"], ["finetune"]),
+    Row("lolcats-keep2", "lolcats + 2 worst layers softmax", ["attention=lolcats", "attention.sinks=0",
+        "attention.keep_softmax=2"], ["transfer", "finetune"]),  # fmt: skip
     Row("supra-uptrain", "supra, uptrain (all weights)", ["recipe=supra"], ["uptrain"]),
     Row("supra-transfer", "supra, transfer + LoRA", ["attention=supra"], ["transfer", "finetune"]),
 ]

@@ -108,6 +108,8 @@ def test_module_chunked_equals_quadratic_forward_and_grads(name, shape):
     base, _, variant = name.partition("-")
     window = 0 if variant in ("w0", "gla") else min(attention_cfg(base).window, 8)
     extra = dict(feature_dim=12) if variant == "f12" else dict(sinks=4) if variant == "sinks" else {}
+    if base == "lolcats" and variant != "sinks":
+        extra["sinks"] = 0  # the published hybrid (the default has 4: the sinks variant)
     cfg = attention_cfg(base, chunk_size=16, window=window, **extra)
     mixer = build_mixer(cfg, shape["h"], shape["h_kv"], 16)
     with torch.no_grad():  # move the learned parts away from their special initial values
@@ -129,8 +131,8 @@ def test_module_chunked_equals_quadratic_forward_and_grads(name, shape):
 @pytest.mark.parametrize("name", ["lolcats", "hedgehog", "lolcats-sinks"])
 def test_module_chunked_equals_recurrent_steps(name):
     name, _, variant = name.partition("-")
-    sinks = 4 if variant == "sinks" and name == "lolcats" else 0
-    cfg = attention_cfg(name, chunk_size=16, window=6, **({"sinks": sinks} if sinks else {}))
+    sinks = 4 if variant == "sinks" else 0
+    cfg = attention_cfg(name, chunk_size=16, window=6, **({"sinks": sinks} if name == "lolcats" else {}))
     mixer = build_mixer(cfg, 4, 2, 16)
     p = projected(t=29)
     lin = mixer.linear if hasattr(mixer, "linear") else mixer
@@ -159,7 +161,7 @@ def test_window_at_least_T_is_the_teachers_softmax():
 
 def test_window_zero_is_plain_linear_attention():
     p = projected(t=40)
-    hybrid = build_mixer(attention_cfg("lolcats", window=0), 4, 2, 16)
+    hybrid = build_mixer(attention_cfg("lolcats", window=0, sinks=0), 4, 2, 16)
     plain = build_mixer(attention_cfg("hedgehog"), 4, 2, 16)
     plain.load_state_dict({k.removeprefix("linear."): v for k, v in hybrid.state_dict().items() if k.startswith("linear.")})
     torch.testing.assert_close(hybrid(p), plain(p), rtol=0, atol=0)
@@ -321,6 +323,8 @@ def test_sinks_need_the_window_hybrid_and_have_no_triton_kernel_yet():
         build_config("attention=hedgehog", "attention.sinks=4")
     with pytest.raises(ValueError, match=r"attention.sinks=4 needs.*window=0"):
         build_config("attention=lolcats", "attention.window=0", "attention.sinks=4")
+    with pytest.raises(ValueError, match=r"attention.backend=triton has no kernel for attention.sinks=4"):
+        build_config("attention=lolcats", "attention.backend=triton")  # the default lolcats has 4
     p = projected(t=9)
     fq = fk = torch.rand(2, 4, 9, 8)
     with pytest.raises(ops.BackendUnavailableError, match="no kernel for attention.sinks=4"):

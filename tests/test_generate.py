@@ -20,8 +20,8 @@ from linearize.stages import prepare, preflight
 from tests.conftest import build_config, compose_config, data_root
 
 VARIANTS = {
-    "lolcats": ("attention=lolcats", "attention.window=4"),
-    "lolcats+softmax0": ("attention=lolcats", "attention.window=4", "attention.softmax_layers=[0]"),
+    "lolcats": ("attention=lolcats", "attention.window=4", "attention.sinks=0"),
+    "lolcats+softmax0": ("attention=lolcats", "attention.window=4", "attention.softmax_layers=[0]", "attention.sinks=0"),
     "lolcats+sinks": ("attention=lolcats", "attention.window=4", "attention.sinks=3"),
     "hedgehog": ("attention=hedgehog",),
     "t2r": ("attention=t2r",),
