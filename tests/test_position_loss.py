@@ -58,3 +58,27 @@ def test_the_report_shows_the_loss_by_position(tmp_path):
 def test_bad_buckets_are_refused_before_work():
     with pytest.raises(ValueError, match=r"eval.ppl_buckets=\[64, 64\] must be positive and increasing"):
         build_config("eval.ppl_buckets=[64,64]")
+
+
+def test_compare_positions_tables_runs_and_refuses_other_buckets(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def report(name, side, buckets):
+        (tmp_path / name / "eval").mkdir(parents=True)
+        row = {"task": "wikitext2", "metric": "ppl", side: 20.0, "by_position": {side: buckets}}
+        (tmp_path / name / "eval" / "report.json").write_text(json.dumps({"rows": [row]}))
+
+    two = lambda nll: [{"from": 0, "to": 64, "tokens": 63, "nll": nll}, {"from": 64, "to": None, "tokens": 9, "nll": nll + 1}]  # noqa: E731
+    report("t", "teacher", two(2.0))
+    report("c", "converted", two(3.0))
+    report("other", "converted", two(3.0)[:1])
+    script = [sys.executable, str(ROOT / "scripts" / "compare_positions.py")]
+    out = subprocess.run([*script, f"{tmp_path / 't'}:teacher", f"{tmp_path / 'c'}:after", "--png", str(tmp_path / "p.png")],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "| 0–64 | 63 | 2.0000 | 3.0000 | 7.39 | 20.09 |" in out and (tmp_path / "p.png").is_file()
+    bad = subprocess.run([*script, str(tmp_path / "t"), str(tmp_path / "other")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "other position buckets" in bad.stderr

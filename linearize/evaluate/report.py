@@ -79,19 +79,19 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _bucket_label(bucket: dict[str, Any]) -> str:
+def bucket_label(bucket: dict[str, Any]) -> str:
     return f"{bucket['from']}–{bucket['to']}" if bucket["to"] is not None else f"{bucket['from']}+"
 
 
 def position_table(by_position: dict[str, list[dict[str, Any]]], task: str) -> list[str]:
     """Mean next-token loss (nats) per position bucket, teacher beside the converted model."""
     sides = list(by_position)
-    labels = list(dict.fromkeys(_bucket_label(b) for side in sides for b in by_position[side]))
+    labels = list(dict.fromkeys(bucket_label(b) for side in sides for b in by_position[side]))
     lines = [f"Loss by position ({task}, mean nats per token; position = tokens of context)", "",
              "| positions | tokens | " + " | ".join(sides) + " | ppl " + " | ppl ".join(sides) + " |",
              "|---|---|" + "---|" * (2 * len(sides))]  # fmt: skip
     for label in labels:
-        found = [next((b for b in by_position[side] if _bucket_label(b) == label), None) for side in sides]
+        found = [next((b for b in by_position[side] if bucket_label(b) == label), None) for side in sides]
         nll = [b["nll"] if b else None for b in found]
         cells = [str(next((b["tokens"] for b in found if b), "–"))]
         cells += [f"{v:.4f}" if v is not None else "–" for v in nll]
@@ -106,7 +106,7 @@ def position_table(by_position: dict[str, list[dict[str, Any]]], task: str) -> l
 def position_chart(by_position: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for side, buckets in by_position.items():
-        ax.plot([_bucket_label(b) for b in buckets], [b["nll"] for b in buckets], marker="o", label=side)
+        ax.plot([bucket_label(b) for b in buckets], [b["nll"] for b in buckets], marker="o", label=side)
     ax.set(xlabel="position in the window (tokens of context)", ylabel="mean next-token loss (nats)", title=title)
     ax.legend()
     fig.tight_layout()
