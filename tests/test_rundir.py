@@ -155,7 +155,7 @@ def test_read_only_stages_take_the_model_from_the_run(run_dir):
     assert adopted.model.name == "tiny-llama" and adopted.attention.window == 8
     # stage 2 from stage 1 trains stage 1's attention: another one on the command line is refused
     text = str(_raises(RunDirError, checked_config_of, "stage=finetune", *BASE, "attention.sinks=2", f"run.dir={run_dir}"))
-    assert "attention.sinks: 0 -> 2" in text and "finetune.start=swap" in text
+    assert "attention.sinks: 4 -> 2" in text and "finetune.start=swap" in text
     from linearize.fingerprint import adopt_source
 
     plain = config("stage=finetune", "model=tiny-llama", f"run.dir={run_dir}")

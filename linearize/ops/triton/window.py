@@ -305,7 +305,7 @@ def window_attn_chunked(
     s0 = z0 = None
     if initial_state is not None:
         empty = (x[:, :, :0].float() for x in (q, v, fq))  # shapes and the compute dtype only
-        s0, z0, kw, vw, fkw = _window_state(initial_state, *empty, window)
+        s0, z0, kw, vw, fkw = _window_state(initial_state, *empty, window)[:5]  # no sinks here
         k, v, fk = (torch.cat([c.to(x.dtype), expand_kv(x, h)], 2) for c, x in ((kw, k), (vw, v), (fkw, fk)))
     y = _WindowAttn.apply(q, k, v, fq, fk, fw, s0, z0, window, scale, eps, time_block(chunk_size)).to(dtype)
     if not output_final_state:
@@ -366,7 +366,7 @@ def window_attn_step(
     b, h, _, dk = q.shape
     f, d, dtype = fq.shape[-1], v.shape[-1], v.dtype
     fw = _mix_factor(window_factor, h, torch.float32).reshape(h).contiguous()
-    s_, z, kw, vw, fkw = _window_state(state, q[:, :, :0].float(), v[:, :, :0].float(), fq[:, :, :0], window)
+    s_, z, kw, vw, fkw = _window_state(state, q[:, :, :0].float(), v[:, :, :0].float(), fq[:, :, :0], window)[:5]
     kx, vx, fkx = (torch.cat([c, expand_kv(x.float(), h)], 2).contiguous() for c, x in ((kw, k), (vw, v), (fkw, fk)))
     n_w = kx.shape[2]
     leaves = n_w > window - 1
