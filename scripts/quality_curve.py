@@ -7,19 +7,21 @@ total training tokens (stage 1 + stage 2), for each stage-2 objective, scored be
 
 A point is (objective, total tokens): --stage1-share of the tokens go to attention transfer,
 the rest to LoRA fine-tuning (lr --lr2) with ``finetune.objective=<objective>``, in steps of --batch x
---grad-accum rows of --seq-len tokens. First every objective runs at the --compare budgets; the
-one with the lowest WikiText-2 perplexity at the largest of them (the best objective) then runs
-at every --budgets budget as well. Each point is scored on the first --limit items of PIQA,
-ARC-Easy and HellaSwag (0-shot) and on --ppl-tokens WikiText-2 tokens, as is the teacher, and
-its stage-1 model alone is scored on perplexity (its own run dir, ``<point>.stage1``, holding a
-copy of the point's stage-1 output).
+--grad-accum rows of --seq-len tokens. The stage-1 model of a budget is made once, in its own run
+dir (``stage1-<N>k``, where it is also scored alone on perplexity), and copied into the run dir of
+every objective's point at that budget; a point's wall minutes count that stage 1 and its stage 2.
+First every objective runs at the --compare budgets; the one with the lowest WikiText-2
+perplexity at the largest of them (the best objective) then runs at every --budgets budget as
+well. Each point is scored on the first --limit items of PIQA, ARC-Easy and HellaSwag (0-shot)
+and on --ppl-tokens WikiText-2 tokens, as is the teacher.
 
 Every run is a ``python -m linearize stage=all ...``: rerun the same command after an
-interruption (or in a later session) and the stages already done with these settings are
-skipped; a killed stage resumes from its checkpoint. The options that make the figures are
-written to ``<out>/budget.json``; a later call with other ones is refused (its points would not
-be comparable). At the end (and with --table-only, from whatever points are done) the table is
-written as markdown and json and the curve as a PNG.
+interruption and the stages already done with these settings are skipped; a killed stage
+resumes from its checkpoint. The options that make the figures are written to
+``<out>/budget.json``; a later call with other ones is refused (its points would not be
+comparable). The table (markdown, json) and the curve (PNG) are rewritten after every point, and
+the --json file carries the figures to a later session: a point (or the teacher) it holds, made
+with these settings, is not run again, even where its run dir is gone.
 """
 
 from __future__ import annotations
@@ -103,22 +105,24 @@ def eval_overrides(args) -> list[str]:
     return evaluation(args, tasks=TASKS, task_limits={})
 
 
+def stage1_dir(point: Point, args) -> Path:
+    return args.out / f"stage1-{point.tokens // 1000}k"
+
+
 def run_point(point: Point, args) -> bool:
-    """Stage 1, the stage-1 model's perplexity, stage 2 and the full evaluation of one point."""
-    run_dir, s1_dir = args.out / point.name, args.out / f"{point.name}.stage1"
+    """Stage 1 of the point's budget (once for every objective) and its perplexity alone, then
+    the point's stage 2 and its full evaluation."""
+    run_dir, s1_dir = args.out / point.name, stage1_dir(point, args)
     s1, s2 = steps(point, args)
-    common = ["stage=all", f"run.dir={run_dir}", "model=smollm2-135m", "attention=lolcats", f"attention.sinks={args.sinks}",
-              *args.extra]  # fmt: skip
-    if not run_linearize([*common, "pipeline=[transfer]", *budget(args, s1)], run_dir, point.name):
+    model = ["stage=all", "model=smollm2-135m", "attention=lolcats", f"attention.sinks={args.sinks}", *args.extra]
+    stage1 = [*model, f"run.dir={s1_dir}", "pipeline=[transfer,eval]", *budget(args, s1), "eval.teacher=false",
+              "eval.tasks=[]", f"eval.ppl_tokens={args.ppl_tokens}", f"eval.batch_size={args.eval_batch}"]  # fmt: skip
+    if not run_linearize(stage1, s1_dir, s1_dir.name):
         return False
-    copy_stage_output(run_dir / "transfer", s1_dir / "transfer")
-    s1_eval = [f"run.dir={s1_dir}", "model=smollm2-135m", *args.extra, "pipeline=[eval]", "eval.teacher=false",
-               "eval.tasks=[]", f"eval.ppl_tokens={args.ppl_tokens}", f"eval.batch_size={args.eval_batch}"]  # fmt: skip
-    if not run_linearize(["stage=all", *s1_eval], s1_dir, f"{point.name} stage 1 alone"):
-        return False
-    stage2 = ["pipeline=[finetune,eval]", *budget(args, s2), f"train.lr={args.lr2}",
+    copy_stage_output(s1_dir / "transfer", run_dir / "transfer")
+    stage2 = [*model, f"run.dir={run_dir}", "pipeline=[finetune,eval]", *budget(args, s2), f"train.lr={args.lr2}",
               f"finetune.objective={point.objective}", *eval_overrides(args), "eval.teacher=false"]  # fmt: skip
-    return run_linearize([*common, *stage2], run_dir, point.name)
+    return run_linearize(stage2, run_dir, point.name)
 
 
 def copy_stage_output(src: Path, dst: Path) -> None:
@@ -146,16 +150,16 @@ def wall_minutes(*run_dirs: Path) -> float:
     return sum(json.loads((d / "wall_seconds.json").read_text())["seconds"] for d in run_dirs if (d / "wall_seconds.json").is_file()) / 60
 
 
-def collect(point: Point, args) -> dict | None:
-    """The point's figures, or None while it is not done."""
-    run_dir, s1_dir = args.out / point.name, args.out / f"{point.name}.stage1"
+def collect(point: Point, args, recorded: dict | None = None) -> dict | None:
+    """The point's figures (from its run dirs, else from ``recorded``), or None while it is not done."""
+    run_dir, s1_dir = args.out / point.name, stage1_dir(point, args)
     try:
         scores = report_scores(run_dir, "converted")
         s1_ppl = report_scores(s1_dir, "converted")["wikitext2"]
         if read_manifest(run_dir / "eval")["fingerprint"].get("upstream.finetune") is None:
             return None  # its eval scored the stage-1 model: stage 2 has not run yet
     except (FileNotFoundError, KeyError):
-        return None
+        return (recorded or {}).get("rows", {}).get(point.name)
     s1, s2 = steps(point, args)
     return {"name": point.name, "objective": point.objective, "tokens": point.tokens,
             "stage1_tokens": s1 * tokens_per_step(args), "stage2_tokens": s2 * tokens_per_step(args),
@@ -224,41 +228,54 @@ def chart(teacher: dict, rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def check_budget(args) -> None:
-    """Write ``<out>/budget.json``, or refuse when it holds other settings than these."""
+def check_budget(args) -> dict:
+    """Write ``<out>/budget.json``, or refuse when it holds other settings than these; the same
+    check for the figures --json carries over. Returns those figures (``{}`` when none):
+    ``teacher`` and ``rows`` by point name."""
     mine = {k: getattr(args, k) for k in BUDGET_KEYS}
-    path = args.out / "budget.json"
-    if path.is_file():
-        theirs = json.loads(path.read_text())
+
+    def refuse_other(theirs: dict, where: Path, fix: str) -> None:
         if theirs != mine:
             diff = {k: (theirs.get(k), mine[k]) for k in mine if theirs.get(k) != mine[k]}
-            sys.exit(f"{args.out} holds points made with other settings (theirs, these): {diff}; "
-                     "use another --out, or the same settings")  # fmt: skip
-        return
-    args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(mine, indent=1))
+            sys.exit(f"{where} holds points made with other settings (theirs, these): {diff}; {fix}")
+
+    path = args.out / "budget.json"
+    if path.is_file():
+        refuse_other(json.loads(path.read_text()), args.out, "use another --out, or the same settings")
+    else:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(mine, indent=1))
+    if not (args.json and args.json.is_file()):
+        return {}
+    carried = json.loads(args.json.read_text())
+    refuse_other(carried["budget"], args.json, "use another --json, or the same settings")
+    return {"teacher": carried["teacher"], "rows": {r["name"]: r for r in carried["rows"]}}
 
 
-def main() -> None:
-    args = parse_args()
-    check_budget(args)
-    failed = []
-    if not args.table_only:
-        if not run_teacher(args):
-            sys.exit("the teacher's evaluation failed; see its linearize.log")
-        failed += [p.name for p in comparison_points(args) if not run_point(p, args)]
-        done = [r for r in (collect(p, args) for p in comparison_points(args)) if r]
-        best = best_objective(done, args)
-        if best is not None:
-            print(f"best objective at {max(args.compare):,} tokens: {best}", flush=True)
-            failed += [p.name for p in curve_points(best, args) if not run_point(p, args)]
-    done = [r for r in (collect(p, args) for p in comparison_points(args)) if r]
+def done_points(args, recorded: dict) -> tuple[list[dict], str | None]:
+    """The figures of every point done so far, and the best objective once it is known."""
+    done = [r for r in (collect(p, args, recorded) for p in comparison_points(args)) if r]
     best = best_objective(done, args)
     if best is not None:
-        done += [r for r in (collect(p, args) for p in curve_points(best, args)) if r]
-    teacher = report_scores(args.out / "teacher", "teacher")
+        done += [r for r in (collect(p, args, recorded) for p in curve_points(best, args)) if r]
+    return done, best
+
+
+def teacher_scores(args, recorded: dict) -> dict | None:
+    try:
+        return report_scores(args.out / "teacher", "teacher")
+    except FileNotFoundError:
+        return recorded.get("teacher")
+
+
+def write_outputs(args, recorded: dict) -> None:
+    """The table, its figures and the curve from every point done so far."""
+    teacher = teacher_scores(args, recorded)
+    if teacher is None:
+        return
+    done, best = done_points(args, recorded)
     text = table(teacher, done)
-    print(text)
+    print(text, flush=True)
     if args.markdown:
         args.markdown.write_text(text)
     if args.json:
@@ -266,6 +283,31 @@ def main() -> None:
                                          "teacher": teacher, "rows": done}, indent=1))  # fmt: skip
     if args.png and done:
         chart(teacher, done, args.png)
+
+
+def main() -> None:
+    args = parse_args()
+    recorded = check_budget(args)
+    failed = []
+
+    def run(points: list[Point]) -> None:
+        for point in points:
+            if point.name in recorded.get("rows", {}):
+                continue  # done in an earlier session (its run dirs may be gone)
+            if run_point(point, args):
+                write_outputs(args, recorded)
+            else:
+                failed.append(point.name)
+
+    if not args.table_only:
+        if "teacher" not in recorded and not run_teacher(args):
+            sys.exit("the teacher's evaluation failed; see its linearize.log")
+        run(comparison_points(args))
+        best = done_points(args, recorded)[1]
+        if best is not None:
+            print(f"best objective at {max(args.compare):,} tokens: {best}", flush=True)
+            run(curve_points(best, args))
+    write_outputs(args, recorded)
     if failed:
         sys.exit(f"points failed: {', '.join(failed)}; rerun the same command to resume them")
 
