@@ -21,7 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 STAGES = ("prepare", "transfer", "finetune", "uptrain", "export", "eval", "generate", "all")
 PIPELINE_STAGES = ("transfer", "finetune", "uptrain", "export", "eval")
-FAMILIES = ("llama", "mistral", "qwen2")
+CONVERT = ("global", "all")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_KINDS = ("softmax", "linear", "window", "gated", "supra")
@@ -105,11 +105,10 @@ class ModelConfig:
     """Hub id, local HF directory, a ``.gguf`` file, or ``pkg://<package>/<file>`` for a file
     shipped inside an installed Python package. ``None`` only with ``init=random``."""
     init: str = "pretrained"
-    """``pretrained`` loads ``path``; ``random`` builds ``family`` from ``architecture``."""
-    family: str = "llama"
-    """Model family (transformers ``model_type``); decides how attention modules are found."""
+    """``pretrained`` loads ``path``; ``random`` builds ``architecture.model_type`` from ``architecture``."""
     architecture: dict[str, Any] = field(default_factory=dict)
-    """HF config fields for ``init=random`` (hidden_size, num_hidden_layers, …)."""
+    """HF config fields for ``init=random``: ``model_type`` (the family, e.g. llama, qwen3), then
+    hidden_size, num_hidden_layers, …"""
     tokenizer: Optional[str] = None
     """Where the tokenizer comes from (same forms as ``path``); defaults to ``path``."""
     revision: Optional[str] = None
@@ -120,17 +119,29 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _finite("model", self)  # the floats of model.architecture (rope_theta, rms_norm_eps, …)
         _choice("model.init", self.init, ("pretrained", "random"))
-        _choice("model.family", self.family, FAMILIES)
         _choice("model.dtype", self.dtype, DTYPES)
         if self.init == "pretrained" and not self.path:
             raise ValueError(
                 f"model.path is empty for model '{self.name}' with init=pretrained; "
                 "give a hub id, a local directory or a .gguf file"
             )
-        if self.init == "random" and not self.architecture:
-            raise ValueError(f"model '{self.name}' has init=random but no model.architecture")
+        if self.init == "random" and not self.architecture.get("model_type"):
+            raise ValueError(
+                f"model '{self.name}' has init=random but no model.architecture.model_type (the family to "
+                "build, e.g. +model.architecture.model_type=llama)"
+            )
         if self.init == "random" and not (self.tokenizer or self.path):
             raise ValueError(f"model '{self.name}' has init=random but no model.tokenizer")
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> "ModelConfig":
+        """The config a manifest recorded (extra keys such as a file's hash are dropped). Records
+        written before ``model.family`` went away carry it: for a random teacher it is the
+        architecture's family."""
+        fields = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
+        if fields.get("init") == "random" and "family" in record:
+            fields["architecture"] = {"model_type": record["family"], **fields.get("architecture", {})}
+        return cls(**fields)
 
 
 @dataclass
@@ -162,6 +173,9 @@ class AttentionConfig:
     """After transfer, return this many worst layers (by validation MSE) to softmax."""
     softmax_layers: list[int] = field(default_factory=list)
     """Indices of layers kept as the teacher's softmax attention (not swapped)."""
+    convert: str = "global"
+    """Which teacher layers convert: ``global`` (those with full attention; layers that are already
+    local — sliding window — keep their own attention, bounded cache and all) or ``all``."""
     decay: str = "lightning"
     """SUPRA's fixed per-head decay: ``lightning`` (ALiBi slopes), ``retnet`` or ``none``."""
     eps: float = 1e-6
@@ -194,6 +208,7 @@ class AttentionConfig:
         _fraction("attention.mix", self.mix, 0.5, low_open=False, high_open=False)
         _choice("attention.backend", self.backend, BACKENDS)
         _choice("attention.decay", self.decay, DECAYS)
+        _choice("attention.convert", self.convert, CONVERT)
         if any(i < 0 for i in self.softmax_layers):
             raise ValueError(
                 f"attention.softmax_layers={self.softmax_layers} holds a negative layer index; "

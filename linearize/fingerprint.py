@@ -164,8 +164,7 @@ def explicit_sections(overrides: Iterable[str]) -> set[str]:
 
 def recorded_teacher(manifest: dict[str, Any]) -> ModelConfig:
     """The teacher a converted model applies to (for a whole-model directory: itself)."""
-    fields = {k: v for k, v in manifest["teacher"].items() if k in ModelConfig.__dataclass_fields__}
-    return ModelConfig(**fields)
+    return ModelConfig.from_record(manifest["teacher"])
 
 
 def recorded_value(source: Path, key: str) -> Optional[Any]:
@@ -227,7 +226,7 @@ def adopt_source(config: Config, overrides: Iterable[str]) -> Config:
     explicit = explicit_sections(overrides)
     diff = []
     if "model" in explicit:
-        had = ModelConfig(**origin) if origin else teacher
+        had = ModelConfig.from_record(origin) if origin else teacher
         diff += differences(_section_of(had, "model"), _section_of(config.model, "model"))
     if "attention" in explicit:
         ignore = ("attention.softmax_layers",)

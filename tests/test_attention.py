@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from linearize import ops
-from linearize.attention import AttentionLayer, Projected, build_mixer
+from linearize.attention import Projected, build_mixer
+from linearize.attention.layer import slot
 from linearize.attention.feature_maps import FEATURE_MAPS, build_feature_map
 from linearize.config import FEATURE_MAPS as CONFIG_FEATURE_MAPS
 from linearize.models.load import load_teacher
@@ -193,11 +194,9 @@ def tiny(name="lolcats", *overrides):
 
 
 def check_swapped(model, teacher_logits, x, softmax_layers=()):
-    from transformers.models.llama.modeling_llama import LlamaAttention
-
     layers = model.model.layers
     for i, layer in enumerate(layers):
-        is_softmax = isinstance(layer.self_attn, LlamaAttention)
+        is_softmax = slot(layer.self_attn) is None and not hasattr(layer.self_attn, "mixer")
         assert is_softmax == (i in softmax_layers), f"layer {i}"
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all(".mixer." in n for n in trainable)
@@ -276,11 +275,15 @@ def test_swap_errors_name_the_problem():
     cfg, model = tiny("softmax")
     with pytest.raises(ValueError, match="nothing to swap"):
         swap_attention(model, cfg.attention)
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BloomConfig, BloomForCausalLM
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(ValueError, match="supported families: llama, mistral, qwen2"):
-        swap_attention(gpt2, build_config("attention=hedgehog").attention)
+    bloom = BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="no module of this 'bloom' model called transformers' AttentionInterface"):
+        swap_attention(bloom, build_config("attention=hedgehog").attention)
+    cfg, model = tiny("hedgehog")
+    swap_attention(model, cfg.attention)
+    with pytest.raises(ValueError, match="converted already"):
+        swap_attention(model, cfg.attention)
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])

@@ -182,12 +182,18 @@ def test_truncated_or_corrupt_safetensors_teacher(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    gpt2 = _hf_dir(tmp_path / "gpt2", model_type="gpt2")
-    text = raises(ValueError, preflight, build_config("model=llama3-8b", f"model.path={gpt2}"))
-    assert f"model.path='{gpt2}' is a 'gpt2' model; linearize swaps attention in llama, mistral, qwen2 models" in text
-    mistral = _hf_dir(tmp_path / "mistral", model_type="mistral")
-    text = raises(ValueError, preflight, build_config("model=llama3-8b", f"model.path={mistral}"))
-    assert "model.family='llama' but" in text and "set model.family=mistral" in text
+    """Families that cannot convert are refused before anything loads, each saying why; any
+    other decoder family passes (no model.family to match any more)."""
+    for model_type, why in [
+        ("t5", "'t5' has no causal-LM class in this transformers"),
+        ("bloom", "'bloom' computes attention in its own modeling code, not through transformers' AttentionInterface"),
+        ("bart", "'bart' is an encoder-decoder model"),
+    ]:
+        path = _hf_dir(tmp_path / model_type, model_type=model_type)
+        text = raises(ValueError, preflight, build_config("model=llama3-8b", f"model.path={path}"))
+        assert f"model.path='{path}': {why}" in text
+    for model_type in ("mistral", "qwen3", "gemma2"):
+        check_teacher_files(build_config("model=llama3-8b", f"model.path={_hf_dir(tmp_path / model_type, model_type=model_type)}").model)
 
 
 def test_pickle_weights_are_refused(tmp_path):

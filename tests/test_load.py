@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 
+from linearize.config import ModelConfig
 from linearize.models.load import (
     cached_gguf_dir,
     load_teacher,
@@ -70,7 +71,7 @@ def test_tiny_llama_random_build_is_seeded(tiny_config):
     assert not any(p.requires_grad for p in a.parameters()) and not a.training
 
 
-def test_local_dir_round_trip_and_family_check(tiny_config, tmp_path):
+def test_local_dir_round_trip_and_old_records(tiny_config, tmp_path):
     cpu = torch.device("cpu")
     teacher = load_teacher(tiny_config.model, cache_dir=tiny_config.cache_dir, device=cpu)
     teacher.save_pretrained(tmp_path)
@@ -78,8 +79,11 @@ def test_local_dir_round_trip_and_family_check(tiny_config, tmp_path):
     loaded = load_teacher(local, cache_dir=tiny_config.cache_dir, device=cpu)
     x = torch.randint(0, 100, (1, 9))
     assert torch.equal(teacher(x).logits, loaded(x).logits)
-    with pytest.raises(ValueError, match="set model.family=llama"):
-        load_teacher(replace(local, family="qwen2"), cache_dir=tiny_config.cache_dir, device=cpu)
+    # A manifest written while model.family existed: its family is the random architecture's.
+    old = asdict(tiny_config.model)
+    old["architecture"] = {k: v for k, v in old["architecture"].items() if k != "model_type"}
+    assert ModelConfig.from_record({**old, "family": "llama", "sha256_16": None}) == tiny_config.model
+    assert ModelConfig.from_record({**asdict(local), "family": "llama"}) == local
 
 
 def test_hub_id_offline_names_the_fix(tmp_path, monkeypatch):

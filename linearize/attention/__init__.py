@@ -1,7 +1,7 @@
 """The attention zoo: pure PyTorch modules, no training code.
 
-``build_mixer`` turns an ``AttentionConfig`` into the module that replaces softmax attention
-inside an :class:`~linearize.attention.layer.AttentionLayer`.
+``build_mixer`` turns an ``AttentionConfig`` into the module that stands in for softmax attention
+in a converted layer (see :mod:`linearize.attention.layer`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from linearize.attention.gated import GatedAttention
-from linearize.attention.layer import AttentionLayer, Projected
+from linearize.attention.layer import Linearized, Projected
 from linearize.attention.linear import LinearAttention
 from linearize.attention.supra import SupraAttention
 from linearize.attention.window import WindowAttention
@@ -20,7 +20,7 @@ MIXERS = {
     "supra": SupraAttention,
 }  # fmt: skip
 
-__all__ = ["MIXERS", "AttentionLayer", "Projected", "build_mixer"]
+__all__ = ["MIXERS", "Linearized", "Projected", "build_mixer"]
 
 
 def build_mixer(cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_dim: int) -> nn.Module:

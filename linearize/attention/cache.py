@@ -6,8 +6,8 @@ hybrid, S (plus a window of keys/values) for gated attention — whose size does
 the context. :class:`RecurrentState` is that layer's entry in a cache. Layers left softmax keep
 the normal key/value entry, so one cache serves a hybrid model.
 
-``generate()`` (and a forward with ``use_cache=True``) builds a plain ``DynamicCache``; the
-first time a swapped layer sees it, :func:`recurrent_entry` puts a :class:`RecurrentState` in
+``generate()`` (and a forward with ``use_cache=True``) builds a plain ``DynamicCache``; before a
+swapped layer's module writes to it, :func:`recurrent_entry` puts a :class:`RecurrentState` in
 that layer's slot. The cache then reports the tokens seen (for positions and masks) from
 either kind of entry.
 """
@@ -43,11 +43,10 @@ class RecurrentState(CacheLayerMixin):
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         """Nothing to allocate ahead: the mixer returns its first state after the prompt."""
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs):
-        raise RuntimeError(
-            "this layer is linearized: it keeps a recurrent state, not keys and values "
-            "(is a softmax attention module reading the cache slot of a swapped layer?)"
-        )
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """The new tokens' keys and values, handed back unstored: the layer's attention
+        function continues its state from them (see :mod:`linearize.attention.layer`)."""
+        return key_states, value_states
 
     def advance(self, state: NamedTuple, tokens: int) -> None:
         """Record the mixer's state after ``tokens`` more tokens."""

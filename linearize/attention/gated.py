@@ -37,6 +37,7 @@ class LigerState(NamedTuple):
 
 
 class GatedAttention(nn.Module):
+    pre_rotary = True  # its gate reads the pre-rotary keys
     def __init__(self, cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_dim: int):
         super().__init__()
         self.feature_q = build_feature_map(cfg.feature_map, n_heads, head_dim, cfg.feature_dim)

@@ -1,34 +1,53 @@
-"""The attention layer that replaces a teacher's: its projections, rotary, and a mixer.
+"""The converted attention: one function behind transformers' ``AttentionInterface``.
 
-The layer keeps the teacher's q/k/v/o projection modules themselves (shared, not copied),
-computes q, k, v and rotary exactly as the teacher does, then hands them to a *mixer* — one of
-the zoo's linear attentions — which returns per-head outputs. ``mode`` decides what flows on:
+Every family transformers ships projects q, k, v in its own attention module, normalises them
+where it does (q/k norms), applies its own rotary, updates the cache, and only then calls the
+attention function its config names. :func:`linearized_attention` is registered as
+``linearize_<original>`` (``linearize_sdpa``, ``linearize_eager``, …), so it receives exactly the
+family's q, k, v — nothing of a family's projection code is copied here. A converted layer's
+attention module carries its *mixer* (one of the zoo's linear attentions) as the child module
+``mixer`` and a :class:`Linearized` slot; a module without one (a layer kept softmax, or a
+teacher layer that was already local) runs the original function, untouched.
+
+``Linearized.mode`` decides what a converted layer returns:
 
 - ``student``: the mixer's output (the converted model);
-- ``teacher``: softmax attention over the same q, k, v (the original model, to fp rounding);
-- ``transfer``: both are computed from one pass over the projections; the student and teacher
-  outputs (and the projected inputs, for losses on attention weights) go to ``collector``
-  (stage 1's loss) and the teacher's output flows on, so every layer trains on the inputs the
-  teacher would give it.
+- ``teacher``: the original function's (the teacher itself, bit for bit);
+- ``transfer``: both from the same q, k, v; the student and teacher outputs (and the projected
+  inputs, for losses on attention weights) go to ``collector`` (stage 1's loss) and the
+  teacher's output flows on, so every layer trains on the inputs the teacher would give it.
 
-Given a cache (``generate()``, ``use_cache=True``), a student layer continues from its
-recurrent state in that cache (see :mod:`linearize.attention.cache`); in ``teacher`` mode the
-teacher's own module runs, keeping keys and values as it always did.
+What the function is not handed, and where it comes from:
+
+- *rotary*, for maps that act before it (SUPRA) and Liger's gate on pre-rotary keys: a forward
+  pre-hook on the module keeps the call's position embeddings; the family's own
+  ``apply_rotary_pos_emb`` applies them to any (q, k), and with the sine negated undoes them;
+- *the cache*: in ``student`` mode the pre-hook puts a :class:`RecurrentState` into the layer's
+  cache slot before the module updates it; that entry hands the new tokens' keys and values
+  back without storing them, and the function continues the mixer's constant-size state;
+- *masks*: each ``linearize_<original>`` is also registered with the original's mask function,
+  so the teacher path gets the masks (causal, padding, sliding) it always had.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Protocol
+from functools import partial
+from typing import Callable, Optional
 
 from torch import Tensor, nn
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from linearize import ops
-from linearize.attention.cache import recurrent_entry
+from linearize.attention.cache import RecurrentState, recurrent_entry
 
 MODES = ("student", "teacher", "transfer")
-RotaryFn = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+PREFIX = "linearize_"
 Collector = Callable[[int, Tensor, Tensor, "Projected"], None]
+# Cache layers that hold keys and values only: a converted layer's recurrent state takes their place.
+PLAIN_CACHE_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer, RecurrentState)
 
 
 @dataclass
@@ -38,88 +57,149 @@ class Projected:
     q: Tensor  # (B, H, T, D) after rotary
     k: Tensor  # (B, H_kv, T, D) after rotary
     v: Tensor  # (B, H_kv, T, D)
-    q_pre: Tensor  # (B, H, T, D) before rotary
-    k_pre: Tensor  # (B, H_kv, T, D) before rotary
+    q_pre: Optional[Tensor]  # (B, H, T, D) before rotary (None unless the mixer asks: pre_rotary)
+    k_pre: Optional[Tensor]  # (B, H_kv, T, D) before rotary
     scale: float  # the teacher's softmax scale
     # Applies this layer's rotary at these positions to any (q, k) pair: for maps that act
     # before rotary (SUPRA). None where no positions are known.
     rotate: Optional[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = None
 
 
-class Mixer(Protocol):
-    """A linear attention of the zoo: per-head outputs (B, H, T, D) from projected inputs."""
+class Linearized:
+    """A converted layer's slot on its attention module: mode, collector, the teacher's window,
+    and what the pre-hook hands over for one call (position embeddings, cache entry)."""
 
-    def __call__(self, p: Projected) -> Tensor: ...
-
-    def extend(self, p: Projected, state: Optional[NamedTuple]) -> tuple[Tensor, NamedTuple]:
-        """Continue a sequence from ``state`` (None: its start) over p's tokens: the outputs
-        and the state after them (one token: the recurrent step; more: the chunked form)."""
-        ...
-
-
-class AttentionLayer(nn.Module):
-    """Drop-in replacement for a teacher attention module (same call signature and returns)."""
-
-    def __init__(
-        self, teacher: nn.Module, mixer: nn.Module, rotary: RotaryFn, *,
-        n_heads: int, n_kv_heads: int, head_dim: int, sliding_window: Optional[int] = None,
-    ):  # fmt: skip
-        super().__init__()
-        self.layer_idx: int = teacher.layer_idx
-        self.q_proj, self.k_proj = teacher.q_proj, teacher.k_proj
-        self.v_proj, self.o_proj = teacher.v_proj, teacher.o_proj
-        self.mixer = mixer
-        self.rotary = rotary
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.scaling: float = teacher.scaling
-        self.sliding_window = sliding_window
+    def __init__(self, module: nn.Module, sliding_window: Optional[int]):
+        self.layer_idx: int = module.layer_idx
         self.mode = "student"
         self.collector: Optional[Collector] = None
-        # The replaced module, kept out of the module tree (its projections are ours already)
-        # so that a layer can be set back to the teacher's own attention.
-        self._teacher = (teacher,)
+        self.sliding_window = sliding_window  # the teacher's own, for losses on its weights
+        self._module = (module,)  # not a child: the module holds this slot
+        self.rope: Optional[tuple[Tensor, Tensor]] = None
+        self.entry: Optional[RecurrentState] = None
 
     @property
-    def teacher(self) -> nn.Module:
-        return self._teacher[0]
+    def module(self) -> nn.Module:
+        return self._module[0]
 
-    def project(self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Projected:
-        b, t, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        q_rot, k_rot = self.rotary(q, k, cos, sin)
-        return Projected(q_rot, k_rot, v, q, k, self.scaling, lambda a, b: self.rotary(a, b, cos, sin))
+    @property
+    def mixer(self) -> nn.Module:
+        return self.module.mixer
 
-    def teacher_attention(self, p: Projected) -> Tensor:
-        return ops.softmax_attn(p.q, p.k, p.v, scale=p.scale, window=self.sliding_window)
+    @mixer.setter
+    def mixer(self, mixer: nn.Module) -> None:
+        self.module.mixer = mixer
 
-    def forward(
-        self, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor],
-        attention_mask: Optional[Tensor] = None, cache=None, **kwargs,
-    ) -> tuple[Tensor, None]:  # fmt: skip
-        if self.mode not in MODES:
-            raise ValueError(f"AttentionLayer.mode={self.mode!r} is not one of {', '.join(MODES)}")
-        if cache is not None and self.mode == "teacher":  # the original module, keys and values cached
-            return self.teacher(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
-        if cache is not None and self.mode == "transfer":
-            if cache.get_seq_length(self.layer_idx) > 0:
-                raise ValueError("stage-1 transfer mode does not decode: call the model with use_cache=False")
-            cache = None  # a plain forward that asked for a fresh cache: nothing to continue
-        p = self.project(hidden_states, position_embeddings)
-        if cache is not None:
-            entry = recurrent_entry(cache, self.layer_idx)
-            y, state = self.mixer.extend(p, entry.state)
-            entry.advance(state, p.q.shape[2])
-        elif self.mode == "teacher":
-            y = self.teacher_attention(p)
-        elif self.mode == "student":
-            y = self.mixer(p)
-        else:
-            if self.collector is None:
-                raise RuntimeError("mode='transfer' needs a collector for the per-layer outputs")
-            y = self.teacher_attention(p)
-            self.collector(self.layer_idx, self.mixer(p), y, p)
-        b, _, t, _ = y.shape
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1)), None  # (B, T, hidden)
+
+def slot(module: nn.Module) -> Optional[Linearized]:
+    return module.__dict__.get("_linearized")
+
+
+def _family_function(module: nn.Module, name: str) -> Optional[Callable]:
+    return getattr(sys.modules[type(module).__module__], name, None)
+
+
+def _cache_of(kwargs: dict):
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def before_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a converted attention module: keep the call's position embeddings,
+    and in ``student`` mode put the layer's recurrent entry into the cache before the module
+    writes keys and values there."""
+    s = slot(module)
+    if s is None:
+        return
+    s.rope = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+    s.entry = None
+    cache = _cache_of(kwargs)
+    if cache is None or s.mode == "teacher":
+        return
+    if s.mode == "transfer":
+        if cache.get_seq_length(s.layer_idx) > 0:
+            raise ValueError("stage-1 transfer mode does not decode: call the model with use_cache=False")
+        return
+    held = cache.layers[s.layer_idx] if s.layer_idx < len(cache.layers) else None
+    if held is None or type(held) in PLAIN_CACHE_LAYERS:
+        s.entry = recurrent_entry(cache, s.layer_idx)
+    elif _seq_length(held) > 0:
+        raise NotImplementedError(
+            f"layer {s.layer_idx}'s cache slot is a {type(held).__name__}, which holds more than keys and values; "
+            "a converted layer keeps its recurrent state in place of a plain key/value slot, so this family "
+            "decodes only from a fresh cache (a whole forward works; token-by-token generation does not yet)"
+        )
+    # else: a forward over a fresh cache; keys and values it stores are not read back
+
+
+def _seq_length(layer) -> int:
+    try:
+        return layer.get_seq_length()
+    except Exception:  # a layer not yet initialised
+        return 0
+
+
+def after_call(module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    s = slot(module)
+    if s is not None:
+        s.rope, s.entry = None, None
+
+
+def original_function(module: nn.Module, name: str) -> Callable:
+    """The attention function ``name`` means for this module (``eager``: the family's own)."""
+    if name == "eager":
+        fn = _family_function(module, "eager_attention_forward")
+        if fn is None:
+            raise ValueError(f"{type(module).__name__} has no eager_attention_forward in its modeling file")
+        return fn
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def project(module: nn.Module, s: Linearized, q: Tensor, k: Tensor, v: Tensor, scaling: Optional[float]) -> Projected:
+    """The mixer's inputs from the family's own (rotated) q, k, v."""
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    apply_rotary = _family_function(module, "apply_rotary_pos_emb")
+    if s.rope is None or apply_rotary is None:  # no rotary: pre- and post-rotary are one
+        return Projected(q, k, v, q, k, scale, lambda a, b: (a, b))
+    cos, sin = s.rope
+    q_pre = k_pre = None
+    if getattr(s.mixer, "pre_rotary", False):  # rotating by -angle undoes the rotation
+        q_pre, k_pre = apply_rotary(q, k, cos, -sin)
+    return Projected(q, k, v, q_pre, k_pre, scale, lambda a, b: apply_rotary(a, b, cos, sin))
+
+
+def linearized_attention(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+    scaling: Optional[float] = None, dropout: float = 0.0, *, original: str, **kwargs,
+) -> tuple[Tensor, Optional[Tensor]]:  # fmt: skip
+    """The attention function of a converted model: (B, T, H, D) outputs, like every other."""
+    teacher = original_function(module, original)
+    s = slot(module)
+    if s is None or s.mode == "teacher":
+        return teacher(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if s.mode not in MODES:
+        raise ValueError(f"Linearized.mode={s.mode!r} is not one of {', '.join(MODES)}")
+    p = project(module, s, query, key, value, scaling)
+    if s.mode == "transfer":
+        if s.collector is None:
+            raise RuntimeError("mode='transfer' needs a collector for the per-layer outputs")
+        out, weights = teacher(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        s.collector(s.layer_idx, s.mixer(p), out.transpose(1, 2), p)
+        return out, weights
+    if s.entry is not None:  # decoding, or a forward that keeps its state
+        y, state = s.mixer.extend(p, s.entry.state)
+        s.entry.advance(state, query.shape[2])
+    else:
+        y = s.mixer(p)
+    return y.transpose(1, 2).contiguous(), None
+
+
+def register(original: str) -> str:
+    """Register ``linearize_<original>`` (function and mask); returns the name."""
+    if original.startswith(PREFIX):
+        raise ValueError(f"attention implementation {original!r} is already linearized")
+    name = PREFIX + original
+    AttentionInterface.register(name, partial(linearized_attention, original=original))
+    mask = ALL_MASK_ATTENTION_FUNCTIONS[original] if original in ALL_MASK_ATTENTION_FUNCTIONS else None
+    if mask is not None:
+        AttentionMaskInterface.register(name, mask)
+    return name

@@ -64,6 +64,7 @@ def _identity_affine(width: int) -> nn.Linear:
 
 
 class SupraAttention(nn.Module):
+    pre_rotary = True  # its maps act before rotary
     def __init__(self, cfg: AttentionConfig, n_heads: int, n_kv_heads: int, head_dim: int):
         super().__init__()
         self.map_q = _identity_affine(n_heads * head_dim)

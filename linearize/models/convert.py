@@ -2,7 +2,7 @@
 
 A converted directory holds:
 
-- ``linearize.json``: the teacher (how to load it again: path or hub id, family, dtype, and for
+- ``linearize.json``: the teacher (how to load it again: path or hub id, dtype, and for
   a local file its sha256 prefix), the attention config, the layers left as softmax, and the
   PEFT adapter config when there is one;
 - ``attention.safetensors``: the new attention parameters (feature maps, window factors), by
@@ -198,8 +198,7 @@ def load_converted(path: str | Path, *, device: str | torch.device = "cpu", cach
     The teacher is loaded from where the directory's manifest says it came from.
     """
     manifest = read_manifest(Path(path))
-    teacher_fields = {k: v for k, v in manifest["teacher"].items() if k != "sha256_16"}
-    cfg = ModelConfig(**teacher_fields)
+    cfg = ModelConfig.from_record(manifest["teacher"])
     cache = cache_dir or "~/.cache/linearize"
     teacher = load_teacher(cfg, cache_dir=cache, device=torch.device(device), seed=manifest["teacher_seed"])
     model = apply_converted(teacher, Path(path))

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from linearize.config import FAMILIES, ModelConfig
+from linearize.config import ModelConfig
+from linearize.models.families import static_problem
 from linearize.log import get_logger
 from linearize.rundir import check_safetensors, umask
 
@@ -81,8 +82,7 @@ def resolve_source(spec: str) -> Source:
 
 def check_teacher_files(cfg: ModelConfig) -> None:
     """Checks of a local teacher that need no model load: a ``.gguf`` file starts with the GGUF
-    magic; a directory has a ``config.json`` of a supported family (``model.family``) and whole
-    safetensors weights (never pickle files: unpickling can run code).
+    magic; a directory has a readable ``config.json`` and whole safetensors weights (never pickle files: unpickling can run code).
 
     Raises:
         ValueError, FileNotFoundError: naming the file or value and the fix.
@@ -103,17 +103,12 @@ def check_teacher_files(cfg: ModelConfig) -> None:
     if source.kind != "dir":
         return
     try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        config = json.loads((path / "config.json").read_text())
     except ValueError as err:
         raise ValueError(f"{str(path / 'config.json')!r} is not valid JSON ({err}); download the model again") from None
-    if model_type not in FAMILIES:
-        raise ValueError(
-            f"model.path={cfg.path!r} is a {model_type!r} model; linearize swaps attention in "
-            f"{', '.join(FAMILIES)} models (add a row to FAMILY_TABLE in linearize/models/swap.py for "
-            "a family with the same q/k/v/o + rotary layout)"
-        )
-    if model_type != cfg.family:
-        raise ValueError(f"model.family={cfg.family!r} but {cfg.path!r} is a {model_type!r} model; set model.family={model_type}")
+    problem = static_problem(config.get("model_type"), config)
+    if problem is not None:
+        raise ValueError(f"model.path={cfg.path!r}: {problem}")
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
@@ -238,7 +233,7 @@ def load_teacher(
         tokenizer = load_tokenizer(cfg, cache_dir)
         arch = {"vocab_size": len(tokenizer), **cfg.architecture}
         config = AutoConfig.for_model(
-            cfg.family,
+            arch.pop("model_type"),
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -246,23 +241,18 @@ def load_teacher(
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         assert cfg.path is not None
         location, source = _hf_location(cfg.path, cache_dir)
         try:
             model = AutoModelForCausalLM.from_pretrained(  # never pickle: see check_teacher_files
-                location, revision=cfg.revision, dtype=dtype, attn_implementation="sdpa", use_safetensors=True
+                location, revision=cfg.revision, dtype=dtype, use_safetensors=True
             )
         except OSError as err:
             if source.kind == "hub":
                 raise _hub_error(cfg.path, err) from err
             raise
-    if model.config.model_type != cfg.family:
-        raise ValueError(
-            f"model.family={cfg.family!r} but '{cfg.path}' is a {model.config.model_type!r} model; "
-            f"set model.family={model.config.model_type}"
-        )
     model.requires_grad_(False)
     return model.to(device).eval()
 

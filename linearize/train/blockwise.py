@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from linearize.data import Split
 from linearize.log import get_logger
-from linearize.models.swap import set_mode
+from linearize.models.swap import attention_layers, set_mode
 from linearize.rundir import honour_umask
 from linearize.train.loop import load_trainable_state, train, validate, validation_batches
 
@@ -157,7 +157,6 @@ def load_boundary(cache_dir: Path, start: int) -> Tensor:
 def train_blockwise(prepared, model: nn.Module, out_dir: Path, accelerator, fingerprint: dict | None = None) -> dict:
     """Cache, train every block (this process's share), merge; returns the per-layer outcome.
     ``out_dir`` is the stage's work dir; ``fingerprint`` goes into every block's checkpoints."""
-    from linearize.attention import AttentionLayer
     from linearize.train.transfer import TransferObjective, per_layer_mse
 
     cfg = prepared.config
@@ -171,7 +170,7 @@ def train_blockwise(prepared, model: nn.Module, out_dir: Path, accelerator, fing
     local = LocalAccelerator(accelerator.device)
     for i, (start, end) in enumerate(bounds):
         block = Block(model, start, end)
-        layers = [m for m in block.modules() if isinstance(m, AttentionLayer)]
+        layers = attention_layers(block)
         block_dir = out_dir / "blocks" / f"layers-{start:03d}-{end - 1:03d}"
         if i % world != rank or not layers or (block_dir / "done.json").is_file():
             continue

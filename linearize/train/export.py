@@ -50,7 +50,7 @@ def run_export(prepared, accelerator=None, tracker=None) -> Path:
     # A source written whole (uptrain of more than the new parameters) stays whole.
     whole = cfg.export.merge or bool(full_weight_files(source))
     extra = {"stage": "export", "source": str(source), "merged": whole}
-    teacher = ModelConfig(**manifest["teacher_origin"]) if manifest.get("teacher_origin") else cfg.model
+    teacher = ModelConfig.from_record(manifest["teacher_origin"]) if manifest.get("teacher_origin") else cfg.model
 
     def write(tmp: Path) -> None:
         if not whole:

@@ -197,13 +197,11 @@ def run_finetune(prepared, accelerator: Accelerator, tracker: Tracker | None = N
 
 
 def set_trainable(model: nn.Module, trainable: str) -> None:
-    """``new``: only the swapped layers' mixers; ``attention``: their projections too; ``all``."""
+    """``new``: only the converted layers' mixers; ``attention``: their whole attention modules
+    (the family's projections and q/k norms too); ``all``."""
     model.requires_grad_(trainable == "all")
     for layer in attention_layers(model):
-        layer.mixer.requires_grad_(True)
-        if trainable == "attention":
-            for proj in (layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj):
-                proj.requires_grad_(True)
+        (layer.module if trainable == "attention" else layer.mixer).requires_grad_(True)
 
 
 def unsharded_copy(model: nn.Module, prepared, accelerator: Accelerator) -> nn.Module | None:

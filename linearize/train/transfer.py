@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from linearize.attention import AttentionLayer, Projected
+from linearize.attention import Linearized, Projected
 from linearize.log import Tracker, get_logger
 from linearize import ops
 from linearize.models.convert import save_converted
@@ -49,7 +49,7 @@ class TransferObjective:
     mse_weight x mean MSE + xent_weight x mean cross-entropy over layers."""
 
     def __init__(
-        self, layers: list[AttentionLayer], mse_weight: float, xent_weight: float = 0.0,
+        self, layers: list[Linearized], mse_weight: float, xent_weight: float = 0.0,
         forward: Callable[[nn.Module, Tensor], None] = forward_tokens,
     ):  # fmt: skip
         self.mse_weight, self.xent_weight = mse_weight, xent_weight
