@@ -100,7 +100,10 @@ def _family_function(module: nn.Module, name: str) -> Optional[Callable]:
 
 
 def _cache_of(kwargs: dict):
-    return kwargs.get("cache", kwargs.get("past_key_values"))
+    for name in ("cache", "past_key_values", "past_key_value", "layer_past"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
 
 
 def before_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -163,7 +166,14 @@ def project(module: nn.Module, s: Linearized, q: Tensor, k: Tensor, v: Tensor, s
     cos, sin = s.rope
     q_pre = k_pre = None
     if getattr(s.mixer, "pre_rotary", False):  # rotating by -angle undoes the rotation
-        q_pre, k_pre = apply_rotary(q, k, cos, -sin)
+        try:
+            q_pre, k_pre = apply_rotary(q, k, cos, -sin)
+        except (TypeError, RuntimeError) as err:
+            raise NotImplementedError(
+                f"{type(s.mixer).__name__} reads queries and keys before rotary, but {type(module).__name__} "
+                f"rotates only part of them or in its own way, so its rotary cannot be undone here ({err}); "
+                "use an attention kind that reads them after rotary (lolcats, hedgehog, t2r, elu, relu)"
+            ) from None
     return Projected(q, k, v, q_pre, k_pre, scale, lambda a, b: apply_rotary(a, b, cos, sin))
 
 
@@ -185,6 +195,12 @@ def linearized_attention(
         out, weights = teacher(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         s.collector(s.layer_idx, s.mixer(p), out.transpose(1, 2), p)
         return out, weights
+    if s.entry is None and key.shape[2] != query.shape[2]:
+        raise NotImplementedError(
+            f"layer {s.layer_idx} got {key.shape[2]} keys for {query.shape[2]} queries: {type(module).__name__} "
+            "handed it cached keys that linearize's recurrent state does not replace (a cache it does not "
+            "pass by a known name), so this family decodes only with use_cache=False"
+        )
     if s.entry is not None:  # decoding, or a forward that keeps its state
         y, state = s.mixer.extend(p, s.entry.state)
         s.entry.advance(state, query.shape[2])

@@ -136,6 +136,10 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, title: str, meta: di
     """``report.md``, ``report.json`` and ``report.png`` in ``out_dir``; returns the markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, title)
+    layers = meta.get("layers")
+    if layers:
+        text += (f"\nConverted attention layers: {layers['converted']}; kept as the teacher's own: "
+                 f"{layers['kept'] or 'none'}.\n")  # fmt: skip
     (out_dir / "report.md").write_text(text)
     (out_dir / "report.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     bar_chart(rows, out_dir / "report.png", title)

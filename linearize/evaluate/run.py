@@ -11,7 +11,7 @@ from linearize.evaluate.report import compare, write_report
 from linearize.log import get_logger
 from linearize.fingerprint import check_chain, converted_source, stage_fingerprint
 from linearize.models.convert import apply_converted
-from linearize.rundir import publish, write_manifest
+from linearize.rundir import publish, read_manifest, write_manifest
 
 log = get_logger(__name__)
 
@@ -62,7 +62,8 @@ def run_eval(prepared, accelerator=None, tracker=None) -> Path:
     title = f"{cfg.model.name}: teacher vs {source.name if source else 'none'} ({cfg.attention.name})"
     meta = {"model": cfg.model.name, "converted": str(source) if source else None, "limit": cfg.eval.limit,
             "task_limits": dict(cfg.eval.task_limits), "tasks": list(cfg.eval.tasks),
-            "ppl_tokens": cfg.eval.ppl_tokens}  # fmt: skip
+            "ppl_tokens": cfg.eval.ppl_tokens,
+            "layers": read_manifest(source).get("layers") if source else None}  # fmt: skip
     written = {}
 
     def write(tmp: Path) -> None:

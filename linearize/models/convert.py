@@ -37,7 +37,7 @@ from linearize.config import AdapterConfig, AttentionConfig, ModelConfig
 from linearize.log import get_logger
 from linearize.models.load import file_sha256, load_teacher, load_tokenizer, resolve_source
 from linearize.models.remote import write_remote_code
-from linearize.models.swap import set_mode, swap_attention
+from linearize.models.swap import layer_split, set_mode, swap_attention
 from linearize.rundir import MANIFEST, read_manifest, write_manifest
 
 __all__ = ["MANIFEST", "apply_converted", "build_adapter", "load_converted", "read_manifest", "save_converted"]
@@ -115,6 +115,7 @@ def save_converted(
         **({"teacher_origin": asdict(teacher)} if home is not None else {}),
         "teacher_seed": seed,  # what random-init teachers (tests) were built from
         "attention": asdict(replace(attention, softmax_layers=sorted(softmax_layers))),
+        "layers": layer_split(plain),  # converted, and kept as the teacher's own attention
         "adapter": asdict(adapter) if adapter is not None else None,
         **(extra or {}),
     }

@@ -125,3 +125,30 @@ def tiny_model(model_type: str, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return cls(config).float().eval()
+
+
+def convert_check(model_type: str, attention) -> tuple[str, str]:
+    """Whether ``attention`` (an ``AttentionConfig``) swaps into the family's tiny model:
+    ``("converts", "")`` (swapped in, and the converted model runs), ``("refused", why)``
+    (swap_attention's own error), ``("fails", why)`` (swapped in, but the converted model does not
+    run) or ``("unbuilt", why)`` (the tiny config could not be made small, or its model does not run)."""
+    import torch
+
+    from linearize.models.swap import swap_attention
+
+    try:
+        model = tiny_model(model_type)
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[3, 4, 5, 6]]), use_cache=False)
+    except Exception as err:
+        return "unbuilt", f"{type(err).__name__}: {err}"
+    try:
+        swap_attention(model, attention)
+    except ValueError as err:
+        return "refused", str(err)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[3, 4, 5, 6]]), use_cache=False)  # the converted model runs
+    except Exception as err:
+        return "fails", f"{type(err).__name__}: {err}"
+    return "converts", ""

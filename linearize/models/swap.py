@@ -92,6 +92,11 @@ def find_attention(model: nn.Module) -> list[Found]:
             q, k, causal = seen[id(m)]
             if q[-1] != k[-1]:
                 raise ValueError(f"{name}: queries of width {q[-1]} but keys of width {k[-1]}")
+            if q[2] != k[2]:
+                raise ValueError(
+                    f"{name} attends over {k[2]} keys for {q[2]} tokens (keys of its own beside the sequence's); "
+                    "linearize converts attention over the sequence's own keys only"
+                )
             found.append(Found(name, m, q[1], k[1], q[-1], bool(causal)))
     return found
 
@@ -142,6 +147,21 @@ def attention_layers(model: nn.Module) -> list[Linearized]:
     """The converted layers of a model (or of a block of it), in layer order."""
     slots = (slot(m) for m in model.modules())
     return sorted((s for s in slots if s is not None), key=lambda s: s.layer_idx)
+
+
+def layer_split(model: nn.Module) -> dict[str, list[int]]:
+    """Which attention layers of a converted model are converted and which kept their own
+    attention (``softmax``: kept by choice; the rest of the kept ones were already local)."""
+    slots = attention_layers(model)
+    modes = [s.mode for s in slots]
+    set_mode(model, "teacher")  # the probe's forward must not reach a collector
+    try:
+        found = find_attention(model)
+    finally:
+        for s, mode in zip(slots, modes):
+            s.mode = mode
+    converted = [s.layer_idx for s in slots]
+    return {"converted": converted, "kept": sorted(f.module.layer_idx for f in found if f.module.layer_idx not in converted)}
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
