@@ -74,13 +74,9 @@ class Linearized:
         self.mode = "student"
         self.collector: Optional[Collector] = None
         self.sliding_window = sliding_window  # the teacher's own, for losses on its weights
-        self._module = (module,)  # not a child: the module holds this slot
+        self.module = module  # the attention module this slot sits on (a plain reference)
         self.rope: Optional[tuple[Tensor, Tensor]] = None
         self.entry: Optional[RecurrentState] = None
-
-    @property
-    def module(self) -> nn.Module:
-        return self._module[0]
 
     @property
     def mixer(self) -> nn.Module:
@@ -209,13 +205,17 @@ def linearized_attention(
     return y.transpose(1, 2).contiguous(), None
 
 
+def register_as(name: str, fn: Callable, original: str) -> str:
+    """Register ``fn`` as attention implementation ``name``, with ``original``'s mask function
+    (an implementation registered without one gets no mask); returns the name."""
+    AttentionInterface.register(name, fn)
+    if original in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    return name
+
+
 def register(original: str) -> str:
-    """Register ``linearize_<original>`` (function and mask); returns the name."""
+    """Register ``linearize_<original>``; returns the name."""
     if original.startswith(PREFIX):
         raise ValueError(f"attention implementation {original!r} is already linearized")
-    name = PREFIX + original
-    AttentionInterface.register(name, partial(linearized_attention, original=original))
-    mask = ALL_MASK_ATTENTION_FUNCTIONS[original] if original in ALL_MASK_ATTENTION_FUNCTIONS else None
-    if mask is not None:
-        AttentionMaskInterface.register(name, mask)
-    return name
+    return register_as(PREFIX + original, partial(linearized_attention, original=original), original)

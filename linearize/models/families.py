@@ -98,9 +98,7 @@ def tiny_config(model_type: str) -> PretrainedConfig:
     kinds = list(dict.fromkeys((getattr(defaults, "layer_types", None) if has("layer_types") else None) or []))
     if len(kinds) > 1 and settable:
         kwargs["layer_types"] = kinds[:3]
-        kwargs["num_hidden_layers"] = max(len(kwargs["layer_types"]), 2)
-        if len(kwargs["layer_types"]) < kwargs["num_hidden_layers"]:
-            kwargs["layer_types"] = kwargs["layer_types"] + kwargs["layer_types"][-1:]
+        kwargs["num_hidden_layers"] = len(kwargs["layer_types"])
     return cls(**kwargs)
 
 

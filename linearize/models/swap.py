@@ -17,11 +17,11 @@ from typing import Optional
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-from transformers.modeling_utils import AttentionInterface
 
 from linearize.attention import build_mixer
-from linearize.attention.layer import PREFIX, Linearized, after_call, before_call, original_function, register, slot
+from linearize.attention.layer import (
+    PREFIX, Linearized, after_call, before_call, original_function, register, register_as, slot,
+)
 from linearize.config import AttentionConfig
 from linearize.log import get_logger
 
@@ -71,9 +71,7 @@ def find_attention(model: nn.Module) -> list[Found]:
         seen.setdefault(id(module), (query.shape, key.shape, getattr(module, "is_causal", True)))
         return original_function(module, original)(module, query, key, value, attention_mask, **kwargs)
 
-    AttentionInterface.register("linearize_probe", record)
-    if original in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionMaskInterface.register("linearize_probe", ALL_MASK_ATTENTION_FUNCTIONS[original])
+    register_as("linearize_probe", record, original)
     device = next(model.parameters()).device
     config._attn_implementation_internal = "linearize_probe"
     try:
