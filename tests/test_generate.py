@@ -15,7 +15,7 @@ from linearize.config import GenerateConfig, validate
 from linearize.generate import cache_bytes, format_prompt, generate, run_generate
 from linearize.models.convert import save_converted
 from linearize.models.load import load_teacher, load_tokenizer
-from linearize.models.swap import set_mode, swap_attention
+from linearize.models.swap import attention_layers, set_mode, swap_attention
 from linearize.stages import prepare, preflight
 from tests.conftest import build_config, compose_config, data_root
 
@@ -33,9 +33,10 @@ VARIANTS = {
 }
 
 
-def converted(*overrides: str):
+def converted(*overrides: str, implementation: str = "sdpa"):
     cfg = build_config("model=tiny-llama", *overrides)
     model = load_teacher(cfg.model, cache_dir=cfg.cache_dir, device=torch.device("cpu"), seed=0).float()
+    model.set_attn_implementation(implementation)
     swap_attention(model, cfg.attention, seed=0)
     with torch.no_grad():  # move every new parameter off its initialisation
         for name, p in model.named_parameters():
@@ -115,6 +116,86 @@ def test_teacher_mode_decodes_with_keys_and_values_and_transfer_mode_refuses_a_c
     set_mode(model, "transfer")  # stage 1 never decodes: a filled cache is refused
     with pytest.raises(ValueError, match="use_cache=False"):
         model(ids[:, :1], cache=cache, use_cache=True)
+
+
+PAD = 0
+
+
+def _prompts(lengths: tuple[int, ...], seed: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 1000, (1, n), generator=g) for n in lengths]
+
+
+def _batch(prompts: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts padded on ``side`` to one batch, and its attention mask."""
+    width = max(x.shape[1] for x in prompts)
+    ids, mask = [], []
+    for x in prompts:
+        pad = torch.full((1, width - x.shape[1]), PAD)
+        ones, zeros = torch.ones_like(x), torch.zeros_like(pad)
+        ids.append(torch.cat([pad, x] if side == "left" else [x, pad], 1))
+        mask.append(torch.cat([zeros, ones] if side == "left" else [ones, zeros], 1))
+    return torch.cat(ids), torch.cat(mask)
+
+
+# Prompts longer and shorter than the window (4) and the sinks (3): rows whose decoding states
+# differ in size until their windows fill.
+LENGTHS = (9, 2, 5)
+
+
+@pytest.mark.parametrize("mode", ["student", "teacher"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(variant, mode):
+    model = converted(*VARIANTS[variant])
+    set_mode(model, mode)
+    prompts = _prompts(LENGTHS)
+    ids, mask = _batch(prompts, "left")
+    kw = {"max_new_tokens": 7, "do_sample": False, "pad_token_id": PAD}
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, **kw)[:, ids.shape[1] :]
+        alone = [model.generate(x, attention_mask=torch.ones_like(x), **kw)[:, x.shape[1] :] for x in prompts]
+    assert batched.tolist() == torch.cat(alone).tolist()
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_padded_scoring_equals_unpadded_in_every_mode(variant, implementation):
+    """Right padding (how lm-eval scores) and left padding give each sequence's own logits;
+    in transfer mode the student outputs stage 1 compares are each row's own too."""
+    model = converted(*VARIANTS[variant], implementation=implementation)
+    prompts = _prompts(LENGTHS, seed=5)
+    for mode in ("student", "teacher", "transfer"):
+        set_mode(model, mode)
+        seen: dict[int, torch.Tensor] = {}
+        for layer in attention_layers(model):
+            layer.collector = lambda i, student, teacher, p: seen.__setitem__(i, student)
+        with torch.no_grad():
+            alone, students = [], []
+            for x in prompts:
+                alone.append(model(x, use_cache=False).logits[0])
+                students.append(dict(seen))
+            for side in ("right", "left"):
+                ids, mask = _batch(prompts, side)
+                positions = (mask.cumsum(1) - 1).clamp_min(0)  # as generate() numbers a left-padded row
+                logits = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+                for row, x in enumerate(prompts):
+                    real = mask[row].bool()
+                    torch.testing.assert_close(logits[row, real], alone[row], rtol=1e-4, atol=1e-5)
+                    for i, student in students[row].items():  # transfer mode only
+                        torch.testing.assert_close(seen[i][row, :, real], student[0], rtol=1e-4, atol=1e-5)
+        assert (mode == "transfer") == bool(seen), (mode, sorted(seen))
+
+
+def test_a_padding_mask_it_cannot_read_is_refused():
+    from linearize.attention.layer import key_validity
+
+    with pytest.raises(NotImplementedError, match="2-D or 4-D tensor mask"):
+        key_validity(object(), 0, 3)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert key_validity(mask, 0, 3).tolist() == [[False, True, True], [True, True, True]]
+    assert key_validity(mask, 1, 2) is None  # the last two keys are real in both rows
+    with pytest.raises(ValueError, match="covers 3 keys"):
+        key_validity(mask, 2, 2)
 
 
 def test_crop_is_refused_clearly():

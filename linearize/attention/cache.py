@@ -23,7 +23,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 class RecurrentState(CacheLayerMixin):
     """One swapped layer's cache entry: its mixer's state (a NamedTuple of tensors, batch
-    first) and the number of tokens it has absorbed."""
+    first — or a list of one-row states while the rows of a left-padded batch differ in size)
+    and the number of positions it has absorbed (padding included, as masks count them)."""
 
     is_compileable = False
     is_croppable = False
@@ -32,7 +33,7 @@ class RecurrentState(CacheLayerMixin):
 
     def __init__(self) -> None:
         super().__init__()
-        self.state: Optional[NamedTuple] = None
+        self.state: Optional[NamedTuple | list[NamedTuple]] = None
         self.seen = 0
         self.device: Optional[torch.device] = None
 
@@ -48,10 +49,16 @@ class RecurrentState(CacheLayerMixin):
         function continues its state from them (see :mod:`linearize.attention.layer`)."""
         return key_states, value_states
 
-    def advance(self, state: NamedTuple, tokens: int) -> None:
-        """Record the mixer's state after ``tokens`` more tokens."""
+    def advance(self, state: NamedTuple | list[NamedTuple], tokens: int) -> None:
+        """Record the mixer's state after ``tokens`` more positions."""
         self.state, self.seen = state, self.seen + tokens
-        self.device = next(iter(state)).device
+        self.device = next(iter(self._tensors())).device
+
+    def _rows(self) -> list[NamedTuple]:
+        return [] if self.state is None else self.state if isinstance(self.state, list) else [self.state]
+
+    def _tensors(self):
+        return (x for st in self._rows() for x in st if x is not None)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0  # as a full key/value layer: masks stay valid
@@ -63,11 +70,15 @@ class RecurrentState(CacheLayerMixin):
         return -1  # no length dimension
 
     def nbytes(self) -> int:
-        return 0 if self.state is None else sum(x.numel() * x.element_size() for x in self.state if x is not None)
+        return sum(x.numel() * x.element_size() for x in self._tensors())
 
-    def _map(self, fn: Callable[[Tensor], Tensor]) -> None:
-        if self.state is not None:
-            self.state = type(self.state)(*(None if x is None else fn(x) for x in self.state))
+    def _map(self, fn: Callable[[Tensor], Tensor], rows: Optional[Callable[[list], list]] = None) -> None:
+        """fn on every tensor of a batched state; on a per-row list, ``rows`` on the list (the
+        batch dimension) and fn on each row's tensors when ``rows`` is None."""
+        if isinstance(self.state, list):
+            self.state = rows(self.state) if rows is not None else [_each(st, fn) for st in self.state]
+        elif self.state is not None:
+            self.state = _each(self.state, fn)
 
     def offload(self) -> None:
         self._map(lambda x: x.to("cpu", non_blocking=True))
@@ -80,7 +91,7 @@ class RecurrentState(CacheLayerMixin):
         self.state, self.seen = None, 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda x: x.index_select(0, beam_idx.to(x.device)))
+        self._map(lambda x: x.index_select(0, beam_idx.to(x.device)), lambda rows: [rows[i] for i in beam_idx.tolist()])
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -90,10 +101,14 @@ class RecurrentState(CacheLayerMixin):
             )
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda x: x.repeat_interleave(repeats, dim=0))
+        self._map(lambda x: x.repeat_interleave(repeats, dim=0), lambda rows: [r for r in rows for _ in range(repeats)])
 
     def batch_select_indices(self, indices: Tensor) -> None:
-        self._map(lambda x: x[indices])
+        self._map(lambda x: x[indices], lambda rows: [rows[i] for i in torch.arange(len(rows))[indices].tolist()])
+
+
+def _each(state: NamedTuple, fn: Callable[[Tensor], Tensor]) -> NamedTuple:
+    return type(state)(*(None if x is None else fn(x) for x in state))
 
 
 def recurrent_entry(cache: Cache, layer_idx: int) -> RecurrentState:

@@ -26,16 +26,21 @@ What the function is not handed, and where it comes from:
   cache slot before the module updates it; that entry hands the new tokens' keys and values
   back without storing them, and the function continues the mixer's constant-size state;
 - *masks*: each ``linearize_<original>`` is also registered with the original's mask function,
-  so the teacher path gets the masks (causal, padding, sliding) it always had.
+  so the teacher path gets the masks (causal, padding, sliding) it always had. The mixers are
+  causal by construction and read only which of the call's keys are padding
+  (:func:`key_validity`): a padded batch runs the mixer on each row's real tokens alone, so a
+  left-padded prompt gives what it gives unpadded, and its decoding state never holds a pad.
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer, StaticSlidingWindowLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -63,6 +68,8 @@ class Projected:
     # Applies this layer's rotary at these positions to any (q, k) pair: for maps that act
     # before rotary (SUPRA). None where no positions are known.
     rotate: Optional[Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = None
+    # (B, T) True at real tokens, False at padding; None when every token is real.
+    valid: Optional[Tensor] = None
 
 
 class Linearized:
@@ -153,24 +160,125 @@ def original_function(module: nn.Module, name: str) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
-def project(module: nn.Module, s: Linearized, q: Tensor, k: Tensor, v: Tensor, scaling: Optional[float]) -> Projected:
+def project(
+    module: nn.Module, mixer: nn.Module, q: Tensor, k: Tensor, v: Tensor, scaling: Optional[float],
+    rope: Optional[tuple[Tensor, Tensor]],
+) -> Projected:  # fmt: skip
     """The mixer's inputs from the family's own (rotated) q, k, v."""
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     apply_rotary = _family_function(module, "apply_rotary_pos_emb")
-    if s.rope is None or apply_rotary is None:  # no rotary: pre- and post-rotary are one
+    if rope is None or apply_rotary is None:  # no rotary: pre- and post-rotary are one
         return Projected(q, k, v, q, k, scale, lambda a, b: (a, b))
-    cos, sin = s.rope
+    cos, sin = rope
     q_pre = k_pre = None
-    if getattr(s.mixer, "pre_rotary", False):  # rotating by -angle undoes the rotation
+    if getattr(mixer, "pre_rotary", False):  # rotating by -angle undoes the rotation
         try:
             q_pre, k_pre = apply_rotary(q, k, cos, -sin)
         except (TypeError, RuntimeError) as err:
             raise NotImplementedError(
-                f"{type(s.mixer).__name__} reads queries and keys before rotary, but {type(module).__name__} "
+                f"{type(mixer).__name__} reads queries and keys before rotary, but {type(module).__name__} "
                 f"rotates only part of them or in its own way, so its rotary cannot be undone here ({err}); "
                 "use an attention kind that reads them after rotary (lolcats, hedgehog, t2r, elu, relu)"
             ) from None
     return Projected(q, k, v, q_pre, k_pre, scale, lambda a, b: apply_rotary(a, b, cos, sin))
+
+
+_last_validity: list = [None]  # (weakref to mask, offset, length, result): one per forward, shared by its layers
+
+
+def key_validity(mask, offset: int, length: int) -> Optional[Tensor]:
+    """(B, length) True where the call's keys at positions offset .. offset+length-1 are real
+    tokens, read from the mask the family built for this call; None when all of them are.
+
+    The mask is the original implementation's: None (causal, nothing padded), (B, KV) padding
+    (flash), or (B, 1, Q, KV) boolean (keep) or additive float (0 keeps). A key masked from its
+    own query is padding: causal, sliding and chunked masks all let a token see itself.
+    """
+    if mask is None:
+        return None
+    memo = _last_validity[0]
+    if memo is not None and memo[0]() is mask and memo[1:3] == (offset, length):
+        return memo[3]
+    if not isinstance(mask, Tensor) or mask.dim() not in (2, 4):
+        raise NotImplementedError(
+            f"a converted layer reads padding from a 2-D or 4-D tensor mask, got {type(mask).__name__}"
+            f"{'' if not isinstance(mask, Tensor) else ' of shape ' + str(tuple(mask.shape))}; "
+            "load the model with attn_implementation='sdpa' or 'eager'"
+        )
+    if mask.shape[-1] < offset + length:
+        raise ValueError(f"the attention mask covers {mask.shape[-1]} keys; this call's keys end at {offset + length}")
+    cols = torch.arange(offset, offset + length, device=mask.device)
+    if mask.dim() == 2:
+        keep = mask[:, cols]
+    elif mask.shape[2] == length:  # each query's own key
+        keep = mask[:, 0, torch.arange(length, device=mask.device), cols]
+    else:  # one row for every query: a padding mask
+        keep = mask[:, 0, -1, cols]
+    keep = keep.bool() if mask.dim() == 2 or mask.dtype == torch.bool else keep > torch.finfo(mask.dtype).min / 2
+    result = None if bool(keep.all()) else keep
+    _last_validity[0] = (weakref.ref(mask), offset, length, result)
+    return result
+
+
+def _rows_of(x, b: int, idx: Tensor, length: int):
+    """Row b of a (B, T, ...) rotary table at positions idx, or None when it is laid out otherwise."""
+    if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[1] != length:
+        return None
+    return x[b : b + 1 if x.shape[0] > 1 else 1][:, idx]
+
+
+def by_row(module: nn.Module, s: Linearized, p: Projected, scaling: Optional[float]) -> Tensor:
+    """The mixer on each row's real tokens alone (a padded batch, or rows whose decoding states
+    differ in size): exactly what each sequence gives unpadded. Outputs at padding are 0; a
+    row's state continues from its own and holds no pad."""
+    b, _, t, _ = p.q.shape
+    valid = p.valid if p.valid is not None else p.q.new_ones(b, t, dtype=torch.bool)
+    states = None if s.entry is None else row_states(s.entry.state, b)
+    outs, after = [], []
+    for row in range(b):
+        idx = valid[row].nonzero()[:, 0]
+        if idx.numel() == 0:
+            raise ValueError(f"row {row} of the batch is all padding: nothing for layer {s.layer_idx} to attend")
+        q, k, v = (x[row : row + 1][:, :, idx] for x in (p.q, p.k, p.v))
+        rope = None
+        if s.rope is not None:
+            rope = tuple(_rows_of(x, row, idx, t) for x in s.rope)
+            if any(x is None for x in rope):
+                if getattr(s.mixer, "pre_rotary", False):
+                    raise NotImplementedError(
+                        f"{type(module).__name__}'s rotary tables are not laid out (batch, time, ...), so "
+                        f"{type(s.mixer).__name__} cannot read a padded batch row by row; call it one sequence at a time"
+                    )
+                rope = None  # read only by maps that act before rotary
+        pr = project(module, s.mixer, q, k, v, scaling, rope)
+        if states is None:
+            y = s.mixer(pr)
+        else:
+            y, state = s.mixer.extend(pr, states[row])
+            after.append(state)
+        outs.append(y.new_zeros(1, y.shape[1], t, y.shape[3]).index_copy(2, idx, y))
+    if s.entry is not None:
+        s.entry.advance(join_states(after), t)
+    return torch.cat(outs, 0)
+
+
+def row_states(state, batch: int) -> list:
+    """Each row's state: a batched NamedTuple split, or the per-row list it already is."""
+    if isinstance(state, list):
+        return state
+    if state is None:
+        return [None] * batch
+    return [type(state)(*(None if x is None else x[r : r + 1] for x in state)) for r in range(batch)]
+
+
+def join_states(states: list):
+    """One batched state when every row's has the same shapes, else the list of rows' states
+    (rows of a left-padded batch whose window caches are not yet full)."""
+    shapes = {tuple(None if x is None else tuple(x.shape) for x in st) for st in states}
+    if len(shapes) > 1:
+        return list(states)
+    first = states[0]
+    return type(first)(*(None if x is None else torch.cat([st[i] for st in states], 0) for i, x in enumerate(first)))
 
 
 def linearized_attention(
@@ -184,12 +292,15 @@ def linearized_attention(
         return teacher(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if s.mode not in MODES:
         raise ValueError(f"Linearized.mode={s.mode!r} is not one of {', '.join(MODES)}")
-    p = project(module, s, query, key, value, scaling)
+    p = project(module, s.mixer, query, key, value, scaling, s.rope)
+    offset = s.entry.seen if s.entry is not None else 0
+    p.valid = key_validity(attention_mask, offset, query.shape[2]) if key.shape[2] == query.shape[2] else None
     if s.mode == "transfer":
         if s.collector is None:
             raise RuntimeError("mode='transfer' needs a collector for the per-layer outputs")
         out, weights = teacher(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        s.collector(s.layer_idx, s.mixer(p), out.transpose(1, 2), p)
+        student = s.mixer(p) if p.valid is None else by_row(module, s, p, scaling)
+        s.collector(s.layer_idx, student, out.transpose(1, 2), p)
         return out, weights
     if s.entry is None and key.shape[2] != query.shape[2]:
         raise NotImplementedError(
@@ -197,7 +308,9 @@ def linearized_attention(
             "handed it cached keys that linearize's recurrent state does not replace (a cache it does not "
             "pass by a known name), so this family decodes only with use_cache=False"
         )
-    if s.entry is not None:  # decoding, or a forward that keeps its state
+    if p.valid is not None or (s.entry is not None and isinstance(s.entry.state, list)):
+        y = by_row(module, s, p, scaling)
+    elif s.entry is not None:  # decoding, or a forward that keeps its state
         y, state = s.mixer.extend(p, s.entry.state)
         s.entry.advance(state, query.shape[2])
     else:

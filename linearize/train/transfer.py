@@ -65,7 +65,14 @@ class TransferObjective:
             layer.mode = "transfer"
 
     def _collect(self, layer_idx: int, student: Tensor, teacher: Tensor, p: Projected) -> None:
-        terms = {"mse": F.mse_loss(student.float(), teacher.float())}
+        if p.valid is None:
+            terms = {"mse": F.mse_loss(student.float(), teacher.float())}
+        else:  # a padded batch: padding positions are not part of the loss
+            keep = p.valid[:, None, :, None].to(student.dtype)
+            n = keep.sum() * student.shape[1] * student.shape[3]
+            terms = {"mse": ((student.float() - teacher.float()) ** 2 * keep).sum() / n}
+        if self.xent_weight and p.valid is not None:
+            raise NotImplementedError("transfer.xent_weight does not mask padding: train on packed rows")
         if self.xent_weight:
             layer = self.layers[layer_idx]
             target = ops.softmax_weights(p.q, p.k, scale=p.scale, window=layer.sliding_window)
