@@ -249,6 +249,26 @@ def test_joint_and_blockwise_give_the_same_per_layer_losses(tmp_path):
         torch.testing.assert_close(blockwise[i], joint[i], rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "gemma3_text", "gpt_neox"])
+def test_blockwise_refuses_a_family_whose_blocks_are_not_its_layers(family):
+    """Mistral's sliding-window layers need their mask, Gemma 3 a rotary per layer type and
+    GPT-NeoX has no model.model.layers: run as blocks they would train on wrong targets."""
+    from dataclasses import replace
+
+    from linearize.models.families import tiny_model
+    from linearize.train.blockwise import block_bounds, check_blocks
+
+    model = tiny_model(family)
+    swap_attention(model, replace(build_config("attention=lolcats").attention, window=4, convert="all"))
+    sample = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(0))
+    bounds = block_bounds(model.config.num_hidden_layers, 1)
+    if family in ("llama", "qwen3"):
+        check_blocks(model, bounds, sample)  # the layers alone are the model's own
+        return
+    with pytest.raises(NotImplementedError, match="use transfer.mode=joint"):
+        check_blocks(model, bounds, sample)
+
+
 def test_hidden_cache_resumes_without_recomputing_or_keeping_torn_shards(tmp_path, monkeypatch):
     from linearize.data import Split
     from linearize.train import blockwise

@@ -88,6 +88,53 @@ class Block(nn.Module):
         return f"model.layers.{self.start + int(j)}.{rest}"
 
 
+def check_blocks(model: nn.Module, bounds: list[tuple[int, int]], sample: Tensor) -> None:
+    """Refuse, before any work, a model whose blocks do not reproduce its own layers: each
+    :class:`Block` run in teacher mode from the hidden states entering it must give the hidden
+    states the whole model passes on (one sample row). A family whose layers need more than
+    hidden states and LLaMA's rotary (per-layer masks or rotaries, extra inputs) fails here."""
+    advice = "use transfer.mode=joint (layer by layer in one pass), which converts every family"
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or getattr(model.model, "rotary_emb", None) is None:
+        raise NotImplementedError(
+            f"blockwise transfer runs decoder layers on their own and needs model.model.layers and "
+            f"model.model.rotary_emb, which {type(model).__name__} lacks; {advice}"
+        )
+    entering: dict[int, Tensor] = {}
+
+    def keep(index):
+        def hook(module, args, kwargs, output=None):
+            hidden = output if output is not None else (args[0] if args else kwargs["hidden_states"])
+            entering[index] = (hidden[0] if isinstance(hidden, tuple) else hidden).detach()
+
+        return hook
+
+    handles = [layers[s].register_forward_pre_hook(keep(s), with_kwargs=True) for s, _ in bounds]
+    handles.append(layers[-1].register_forward_hook(keep(len(layers)), with_kwargs=True))
+    set_mode(model, "teacher")
+    try:
+        with torch.no_grad():
+            model(input_ids=sample.to(next(model.parameters()).device), use_cache=False)
+            for start, end in bounds:
+                try:
+                    got, want = Block(model, start, end)(entering[start]), entering[end]
+                except Exception as err:  # a layer or rotary that wants other arguments
+                    raise NotImplementedError(
+                        f"blockwise transfer cannot run layers {start}..{end - 1} of {type(model).__name__} on "
+                        f"their own ({type(err).__name__}: {err}); {advice}"
+                    ) from err
+                if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item()):
+                    raise NotImplementedError(
+                        f"blockwise transfer: layers {start}..{end - 1} of {type(model).__name__} run as a block "
+                        f"give other hidden states than inside the model (max abs diff "
+                        f"{(got - want).abs().max().item():.3g}): its layers need inputs a block does not pass "
+                        f"(sliding-window masks, their own rotary); {advice}"
+                    )
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def block_bounds(n_layers: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n_layers)) for s in range(0, n_layers, size)]
 
@@ -163,6 +210,7 @@ def train_blockwise(prepared, model: nn.Module, out_dir: Path, accelerator, fing
     world, rank = accelerator.num_processes, accelerator.process_index
     bounds = block_bounds(model.config.num_hidden_layers, cfg.transfer.block_size)
     starts = [s for s, _ in bounds]
+    check_blocks(model, bounds, prepared.data.train.input_ids[:1])
     for name, split in (("train", prepared.data.train), ("val", prepared.data.val)):
         cache_hidden_states(model, split, starts, out_dir / "hidden_cache" / name,
                             cfg.transfer.shard_rows, cfg.train.batch_size, rank, world)  # fmt: skip
