@@ -1,6 +1,7 @@
 """Every decoder family of the installed transformers whose attention goes through the
 AttentionInterface, enumerated by code (linearize.models.families), converts — or is refused with
-one clear error saying why. Each is built from a tiny random config (seconds per family):
+one clear error saying why. Every converting family of the enumeration (not only the named ones)
+is built from a tiny random config and checked (seconds per family and check):
 
 (a) teacher mode gives the unconverted model's logits; (b) 3 transfer steps lower the stage-1
 loss; (c) prefill + step decode equals the full forward; (d) a merged export loads with plain
@@ -32,9 +33,6 @@ from tests.conftest import build_config
 ENUMERATED = interface_families()
 NAMED = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "olmo2", "phi3",
          "granite", "cohere", "starcoder2")  # fmt: skip
-# The per-family checks run on the named families; the rest of the enumeration is classified by
-# the first test (and scripts/families.py) and not yet checked family by family.
-FAMILIES = [f for f in NAMED if f in ENUMERATED]
 # The refusals swap_attention gives, each naming why (tests below check the message is one of them).
 REFUSALS = ("linearize converts causal attention only", "carry no layer_idx", "linearize converts decoder-only",
             "nothing to convert", "attention over the sequence's own keys only")  # fmt: skip
@@ -57,6 +55,10 @@ def inputs(model, t: int = 20, rows: int = 2) -> torch.Tensor:
 def outcome(family: str) -> tuple[str, str]:
     """("converts", ""), ("refused", why) or ("unbuilt", why): whether lolcats swaps in."""
     return convert_check(family, attention("lolcats"))
+
+
+# Every family of the enumeration that converts: checked family by family (seconds each).
+FAMILIES = [f for f in ENUMERATED if outcome(f)[0] == "converts"]
 
 
 def converted(family: str, name: str = "lolcats"):
@@ -113,23 +115,36 @@ def test_b_transfer_steps_lower_the_stage1_loss(family):
     assert losses[-1] < losses[0], losses
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_c_prefill_and_step_decode_equal_the_full_forward(family):
-    model, _ = converted(family)
-    x = inputs(model, t=14, rows=1)
+def decode_error(model, x: torch.Tensor) -> float:
+    """Max abs difference between prefill (9 tokens) + one-token steps and the full forward."""
     with torch.no_grad():
         full = model(input_ids=x, use_cache=False).logits
         out = model(input_ids=x[:, :9], use_cache=True)
         steps = [out.logits[:, -1]]
-        try:
-            for t in range(9, 14):
-                out = model(input_ids=x[:, t : t + 1], cache=out.cache, use_cache=True)
-                steps.append(out.logits[:, -1])
-        except NotImplementedError as err:  # a cache linearize cannot take over: refused, saying so
-            assert any(r in str(err) for r in DECODE_REFUSALS), err
-            return
-    torch.testing.assert_close(out.logits[:, -1], full[:, -1], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(torch.stack(steps, 1), full[:, 8:], rtol=1e-4, atol=1e-4)
+        for t in range(9, x.shape[1]):
+            out = model(input_ids=x[:, t : t + 1], cache=out.cache, use_cache=True)
+            steps.append(out.logits[:, -1])
+    return (torch.stack(steps, 1) - full[:, 8:]).abs().max().item()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_c_prefill_and_step_decode_equal_the_full_forward(family):
+    converted(family)  # asserts the family converts
+    model = tiny_model(family)
+    x = inputs(model, t=14, rows=1)
+    # Where a family's own cache path is not exact (Bamba's Mamba layers: ~3e-3 between their
+    # chunked scan and their step), the converted model can be no closer than the teacher is.
+    try:
+        tol = max(1e-4, 2 * decode_error(model, x))
+    except RuntimeError:  # the family's own decoding fails on this tiny config (Dory): no slack
+        tol = 1e-4
+    swap_attention(model, attention("lolcats"))
+    try:
+        err = decode_error(model, x)
+    except NotImplementedError as err:  # a cache linearize cannot take over: refused, saying so
+        assert any(r in str(err) for r in DECODE_REFUSALS), err
+        return
+    assert err <= tol, (err, tol)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

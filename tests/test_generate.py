@@ -194,8 +194,10 @@ def test_a_padding_mask_it_cannot_read_is_refused():
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     assert key_validity(mask, 0, 3).tolist() == [[False, True, True], [True, True, True]]
     assert key_validity(mask, 1, 2) is None  # the last two keys are real in both rows
-    with pytest.raises(ValueError, match="covers 3 keys"):
-        key_validity(mask, 2, 2)
+    with pytest.raises(ValueError, match="covers 3 keys, fewer than this call's 4"):
+        key_validity(mask, 0, 4)
+    with pytest.raises(NotImplementedError, match="decodes only with use_cache=False"):
+        key_validity(mask, 2, 2)  # a mask over the new keys only, not positions from 0 (Doge)
 
 
 def test_crop_is_refused_clearly():

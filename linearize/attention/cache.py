@@ -36,6 +36,8 @@ class RecurrentState(CacheLayerMixin):
         self.state: Optional[NamedTuple | list[NamedTuple]] = None
         self.seen = 0
         self.device: Optional[torch.device] = None
+        self.more: list[RecurrentState] = []  # the states of a module's later calls in one forward
+        self.updated = False  # the module wrote this call's keys here (not into another slot)
 
     def __repr__(self) -> str:
         kind = type(self.state).__name__ if self.state is not None else "empty"
@@ -47,7 +49,14 @@ class RecurrentState(CacheLayerMixin):
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """The new tokens' keys and values, handed back unstored: the layer's attention
         function continues its state from them (see :mod:`linearize.attention.layer`)."""
+        self.updated = True
         return key_states, value_states
+
+    def for_call(self, call: int) -> "RecurrentState":
+        """The entry of the module's ``call``-th attention call in a forward (0: this one)."""
+        while len(self.more) < call:
+            self.more.append(RecurrentState())
+        return self if call == 0 else self.more[call - 1]
 
     def advance(self, state: NamedTuple | list[NamedTuple], tokens: int) -> None:
         """Record the mixer's state after ``tokens`` more positions."""
@@ -70,7 +79,7 @@ class RecurrentState(CacheLayerMixin):
         return -1  # no length dimension
 
     def nbytes(self) -> int:
-        return sum(x.numel() * x.element_size() for x in self._tensors())
+        return sum(x.numel() * x.element_size() for x in self._tensors()) + sum(m.nbytes() for m in self.more)
 
     def _map(self, fn: Callable[[Tensor], Tensor], rows: Optional[Callable[[list], list]] = None) -> None:
         """fn on every tensor of a batched state; on a per-row list, ``rows`` on the list (the
@@ -79,6 +88,8 @@ class RecurrentState(CacheLayerMixin):
             self.state = rows(self.state) if rows is not None else [_each(st, fn) for st in self.state]
         elif self.state is not None:
             self.state = _each(self.state, fn)
+        for later in self.more:
+            later._map(fn, rows)
 
     def offload(self) -> None:
         self._map(lambda x: x.to("cpu", non_blocking=True))
@@ -88,7 +99,7 @@ class RecurrentState(CacheLayerMixin):
             self._map(lambda x: x.to(self.device, non_blocking=True))
 
     def reset(self) -> None:
-        self.state, self.seen = None, 0
+        self.state, self.seen, self.more = None, 0, []
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda x: x.index_select(0, beam_idx.to(x.device)), lambda rows: [rows[i] for i in beam_idx.tolist()])

@@ -84,6 +84,8 @@ class Linearized:
         self.module = module  # the attention module this slot sits on (a plain reference)
         self.rope: Optional[tuple[Tensor, Tensor]] = None
         self.entry: Optional[RecurrentState] = None
+        self.calls = 0  # attention calls in this forward
+        self.rotary_checked = False
 
     @property
     def mixer(self) -> nn.Module:
@@ -117,7 +119,7 @@ def before_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
     if s is None:
         return
     s.rope = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
-    s.entry = None
+    s.entry, s.calls = None, 0
     cache = _cache_of(kwargs)
     if cache is None or s.mode == "teacher":
         return
@@ -128,6 +130,7 @@ def before_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
     held = cache.layers[s.layer_idx] if s.layer_idx < len(cache.layers) else None
     if held is None or type(held) in PLAIN_CACHE_LAYERS:
         s.entry = recurrent_entry(cache, s.layer_idx)
+        s.entry.updated = False  # the module's cache.update on it says it reads its own slot
     elif _seq_length(held) > 0:
         raise NotImplementedError(
             f"layer {s.layer_idx}'s cache slot is a {type(held).__name__}, which holds more than keys and values; "
@@ -162,24 +165,39 @@ def original_function(module: nn.Module, name: str) -> Callable:
 
 def project(
     module: nn.Module, mixer: nn.Module, q: Tensor, k: Tensor, v: Tensor, scaling: Optional[float],
-    rope: Optional[tuple[Tensor, Tensor]],
+    rope: Optional[tuple[Tensor, Tensor]], check: bool = False,
 ) -> Projected:  # fmt: skip
-    """The mixer's inputs from the family's own (rotated) q, k, v."""
+    """The mixer's inputs from the family's own (rotated) q, k, v; with ``check``, first make
+    sure that rotating the pre-rotary q, k again gives the family's own."""
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     apply_rotary = _family_function(module, "apply_rotary_pos_emb")
     if rope is None or apply_rotary is None:  # no rotary: pre- and post-rotary are one
         return Projected(q, k, v, q, k, scale, lambda a, b: (a, b))
     cos, sin = rope
     q_pre = k_pre = None
-    if getattr(mixer, "pre_rotary", False):  # rotating by -angle undoes the rotation
+    if getattr(mixer, "pre_rotary", False):
+        # Rotating by -angle undoes a rotation; cos² + sin² is the scale some rotaries also apply
+        # (YaRN's attention factor), divided out twice: once for the scale, once for its inverse.
+        advice = (
+            f"{type(mixer).__name__} reads queries and keys before rotary, but {type(module).__name__} "
+            "rotates only part of them or in its own way, so its rotary cannot be undone here"
+        )
+        hint = "use an attention kind that reads them after rotary (lolcats, hedgehog, t2r, elu, relu)"
         try:
-            q_pre, k_pre = apply_rotary(q, k, cos, -sin)
+            norm = cos * cos + sin * sin
+            q_pre, k_pre = apply_rotary(q, k, cos / norm, -sin / norm)
+            if check:
+                q_again, k_again = apply_rotary(q_pre, k_pre, cos, sin)
         except (TypeError, RuntimeError) as err:
-            raise NotImplementedError(
-                f"{type(mixer).__name__} reads queries and keys before rotary, but {type(module).__name__} "
-                f"rotates only part of them or in its own way, so its rotary cannot be undone here ({err}); "
-                "use an attention kind that reads them after rotary (lolcats, hedgehog, t2r, elu, relu)"
-            ) from None
+            raise NotImplementedError(f"{advice} ({err}); {hint}") from None
+        if check:
+            for got, want in ((q_again, q), (k_again, k)):
+                tol = max(32 * torch.finfo(want.dtype).eps, 1e-5) * want.abs().max().item()
+                if not torch.allclose(got, want, rtol=0.0, atol=tol):
+                    raise NotImplementedError(
+                        f"{advice} (rotating the recovered inputs again misses by "
+                        f"{(got - want).abs().max().item():.3g}); {hint}"
+                    )
     return Projected(q, k, v, q_pre, k_pre, scale, lambda a, b: apply_rotary(a, b, cos, sin))
 
 
@@ -205,8 +223,15 @@ def key_validity(mask, offset: int, length: int) -> Optional[Tensor]:
             f"{'' if not isinstance(mask, Tensor) else ' of shape ' + str(tuple(mask.shape))}; "
             "load the model with attn_implementation='sdpa' or 'eager'"
         )
-    if mask.shape[-1] < offset + length:
-        raise ValueError(f"the attention mask covers {mask.shape[-1]} keys; this call's keys end at {offset + length}")
+    width = mask.shape[-1]
+    if width < offset + length:
+        if offset == 0:
+            raise ValueError(f"the attention mask covers {width} keys, fewer than this call's {length}")
+        raise NotImplementedError(
+            f"the attention mask covers {width} positions, but this layer's state has seen {offset} and the "
+            f"call adds {length}: the family builds its mask over the keys its cache returns, or runs the "
+            "layer more than once per forward, so it decodes only with use_cache=False"
+        )
     cols = torch.arange(offset, offset + length, device=mask.device)
     if mask.dim() == 2:
         keep = mask[:, cols]
@@ -227,13 +252,13 @@ def _rows_of(x, b: int, idx: Tensor, length: int):
     return x[b : b + 1 if x.shape[0] > 1 else 1][:, idx]
 
 
-def by_row(module: nn.Module, s: Linearized, p: Projected, scaling: Optional[float]) -> Tensor:
+def by_row(module: nn.Module, s: Linearized, p: Projected, scaling: Optional[float], entry: Optional[RecurrentState]) -> Tensor:
     """The mixer on each row's real tokens alone (a padded batch, or rows whose decoding states
     differ in size): exactly what each sequence gives unpadded. Outputs at padding are 0; a
     row's state continues from its own and holds no pad."""
     b, _, t, _ = p.q.shape
     valid = p.valid if p.valid is not None else p.q.new_ones(b, t, dtype=torch.bool)
-    states = None if s.entry is None else row_states(s.entry.state, b)
+    states = None if entry is None else row_states(entry.state, b)
     outs, after = [], []
     for row in range(b):
         idx = valid[row].nonzero()[:, 0]
@@ -257,8 +282,8 @@ def by_row(module: nn.Module, s: Linearized, p: Projected, scaling: Optional[flo
             y, state = s.mixer.extend(pr, states[row])
             after.append(state)
         outs.append(y.new_zeros(1, y.shape[1], t, y.shape[3]).index_copy(2, idx, y))
-    if s.entry is not None:
-        s.entry.advance(join_states(after), t)
+    if entry is not None:
+        entry.advance(join_states(after), t)
     return torch.cat(outs, 0)
 
 
@@ -292,27 +317,37 @@ def linearized_attention(
         return teacher(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if s.mode not in MODES:
         raise ValueError(f"Linearized.mode={s.mode!r} is not one of {', '.join(MODES)}")
-    p = project(module, s.mixer, query, key, value, scaling, s.rope)
-    offset = s.entry.seen if s.entry is not None else 0
-    p.valid = key_validity(attention_mask, offset, query.shape[2]) if key.shape[2] == query.shape[2] else None
+    # A module may call attention more than once per forward (DiffLlama's two value halves, the
+    # cycles of HRM-like models): each call keeps its own state.
+    if s.entry is not None and not s.entry.updated:
+        raise NotImplementedError(
+            f"{type(module).__name__} (layer {s.layer_idx}) stored its keys in another cache slot than its own "
+            "layer's (a model that runs its layers more than once per forward), which linearize's recurrent "
+            "state does not replace, so this family decodes only with use_cache=False"
+        )
+    entry = None if s.entry is None else s.entry.for_call(s.calls)
+    s.calls += 1
+    if key.shape[2] != query.shape[2]:
+        raise NotImplementedError(
+            f"layer {s.layer_idx} got {key.shape[2]} keys for {query.shape[2]} queries: {type(module).__name__} "
+            "handed it keys from a cache slot linearize's recurrent state does not replace (one it does not pass "
+            "by a known name, or another layer's), so this family decodes only with use_cache=False"
+        )
+    p = project(module, s.mixer, query, key, value, scaling, s.rope, check=not s.rotary_checked)
+    s.rotary_checked = True
+    p.valid = key_validity(attention_mask, 0 if entry is None else entry.seen, query.shape[2])
     if s.mode == "transfer":
         if s.collector is None:
             raise RuntimeError("mode='transfer' needs a collector for the per-layer outputs")
         out, weights = teacher(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        student = s.mixer(p) if p.valid is None else by_row(module, s, p, scaling)
+        student = s.mixer(p) if p.valid is None else by_row(module, s, p, scaling, None)
         s.collector(s.layer_idx, student, out.transpose(1, 2), p)
         return out, weights
-    if s.entry is None and key.shape[2] != query.shape[2]:
-        raise NotImplementedError(
-            f"layer {s.layer_idx} got {key.shape[2]} keys for {query.shape[2]} queries: {type(module).__name__} "
-            "handed it cached keys that linearize's recurrent state does not replace (a cache it does not "
-            "pass by a known name), so this family decodes only with use_cache=False"
-        )
-    if p.valid is not None or (s.entry is not None and isinstance(s.entry.state, list)):
-        y = by_row(module, s, p, scaling)
-    elif s.entry is not None:  # decoding, or a forward that keeps its state
-        y, state = s.mixer.extend(p, s.entry.state)
-        s.entry.advance(state, query.shape[2])
+    if p.valid is not None or (entry is not None and isinstance(entry.state, list)):
+        y = by_row(module, s, p, scaling, entry)
+    elif entry is not None:  # decoding, or a forward that keeps its state
+        y, state = s.mixer.extend(p, entry.state)
+        entry.advance(state, query.shape[2])
     else:
         y = s.mixer(p)
     return y.transpose(1, 2).contiguous(), None
