@@ -32,7 +32,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from linearize.config import register_configs, validate  # noqa: E402
 from linearize.models.load import load_teacher, resolve_device  # noqa: E402
-from linearize.models.swap import attention_layers, set_mode, swap_attention  # noqa: E402
+from linearize.attention.hooks import attention_layers, set_mode  # noqa: E402
+from linearize.models.swap import swap_attention  # noqa: E402
 from linearize.train.transfer import TransferObjective  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

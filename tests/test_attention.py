@@ -10,11 +10,12 @@ import torch.nn.functional as F
 
 from linearize import ops
 from linearize.attention import Projected, build_mixer
-from linearize.attention.layer import slot
+from linearize.attention.hooks import slot
 from linearize.attention.feature_maps import FEATURE_MAPS, build_feature_map
 from linearize.config import FEATURE_MAPS as CONFIG_FEATURE_MAPS
 from linearize.models.load import load_teacher
-from linearize.models.swap import attention_layers, set_mode, swap_attention
+from linearize.attention.hooks import attention_layers, set_mode
+from linearize.models.swap import swap_attention
 from linearize.ops import reference as ref
 from tests.conftest import build_config
 

@@ -15,7 +15,8 @@ from linearize.config import GenerateConfig, validate
 from linearize.generate import cache_bytes, format_prompt, generate, run_generate
 from linearize.models.convert import save_converted
 from linearize.models.load import load_teacher, load_tokenizer
-from linearize.models.swap import attention_layers, set_mode, swap_attention
+from linearize.attention.hooks import attention_layers, set_mode
+from linearize.models.swap import swap_attention
 from linearize.stages import prepare, preflight
 from tests.conftest import build_config, compose_config, data_root
 
@@ -187,7 +188,7 @@ def test_padded_scoring_equals_unpadded_in_every_mode(variant, implementation):
 
 
 def test_a_padding_mask_it_cannot_read_is_refused():
-    from linearize.attention.layer import key_validity
+    from linearize.attention.padding import key_validity
 
     with pytest.raises(NotImplementedError, match="2-D or 4-D tensor mask"):
         key_validity(object(), 0, 3)

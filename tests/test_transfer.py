@@ -12,7 +12,8 @@ from torch import nn
 
 from linearize import ops
 from linearize.config import validate
-from linearize.models.swap import attention_layers, swap_attention
+from linearize.attention.hooks import attention_layers
+from linearize.models.swap import swap_attention
 from linearize.stages import prepare, preflight
 from linearize.train import loop
 from linearize.train.transfer import TransferObjective, run_transfer

@@ -9,8 +9,9 @@ from __future__ import annotations
 from torch import nn
 
 from linearize.attention.gated import GatedAttention
-from linearize.attention.layer import Linearized, Projected
+from linearize.attention.layer import Linearized
 from linearize.attention.linear import LinearAttention
+from linearize.attention.projected import Projected
 from linearize.attention.supra import SupraAttention
 from linearize.attention.window import WindowAttention
 from linearize.config import AttentionConfig

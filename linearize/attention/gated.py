@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from linearize import ops
 from linearize.attention.feature_maps import build_feature_map
-from linearize.attention.layer import Projected
+from linearize.attention.projected import Projected
 from linearize.config import AttentionConfig
 
 

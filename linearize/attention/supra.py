@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linearize import ops
-from linearize.attention.layer import Projected
+from linearize.attention.projected import Projected
 from linearize.config import AttentionConfig
 
 

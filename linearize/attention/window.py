@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from linearize import ops
-from linearize.attention.layer import Projected
 from linearize.attention.linear import LinearAttention
+from linearize.attention.projected import Projected
 from linearize.config import AttentionConfig
 
 

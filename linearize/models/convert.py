@@ -37,7 +37,9 @@ from linearize.config import AdapterConfig, AttentionConfig, ModelConfig
 from linearize.log import get_logger
 from linearize.models.load import file_sha256, load_teacher, load_tokenizer, resolve_source
 from linearize.models.remote import write_remote_code
-from linearize.models.swap import layer_split, set_mode, swap_attention
+from linearize.attention.hooks import set_mode
+from linearize.models.probe import layer_split
+from linearize.models.swap import swap_attention
 from linearize.rundir import MANIFEST, read_manifest, write_manifest
 
 __all__ = ["MANIFEST", "apply_converted", "build_adapter", "load_converted", "read_manifest", "save_converted"]

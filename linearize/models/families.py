@@ -43,7 +43,7 @@ def _routes_through_interface(model_type: str) -> bool:
 
 def static_problem(model_type: Optional[str], config: Optional[dict[str, Any]] = None) -> Optional[str]:
     """Why a ``model_type`` (with its ``config.json`` fields, or its defaults) cannot convert, or
-    None when it may (the model built, :func:`linearize.models.swap.check_convertible` checks the rest)."""
+    None when it may (the model built, :func:`linearize.models.probe.check_convertible` checks the rest)."""
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return f"{model_type!r} has no causal-LM class in this transformers ({transformers.__version__})"
     if not _routes_through_interface(model_type):

@@ -22,8 +22,19 @@ from pathlib import Path
 
 from linearize import config as config_module
 from linearize import ops
-from linearize.attention import cache, feature_maps, gated, layer, linear, supra, window
-from linearize.models import swap
+from linearize.attention import (
+    cache,
+    feature_maps,
+    gated,
+    hooks,
+    layer,
+    linear,
+    padding,
+    projected,
+    supra,
+    window,
+)
+from linearize.models import probe, swap
 from linearize.ops import reference
 
 MODELING_FILE = "modeling_linearize.py"
@@ -155,9 +166,10 @@ def modeling_source() -> str:
         _config_part(),  # before feature_maps: its FEATURE_MAPS registry replaces the name list
         _body(feature_maps),
         _body(ops), "ops = types.SimpleNamespace(**globals())",
-        _body(cache), _body(layer), _body(linear), _body(window), _body(gated), _body(supra),
+        _body(cache), _body(projected), _body(padding), _body(hooks), _body(layer),
+        _body(linear), _body(window), _body(gated), _body(supra),
         _body(__import__("linearize.attention", fromlist=["build_mixer"])),
-        _body(swap),
+        _body(probe), _body(swap),
         _LOADER,
     ]  # fmt: skip
     return "\n\n".join(sections)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from linearize.data import Split
 from linearize.log import get_logger
-from linearize.models.swap import attention_layers, set_mode
+from linearize.attention.hooks import attention_layers, set_mode
 from linearize.rundir import honour_umask
 from linearize.train.loop import load_trainable_state, train, validate, validation_batches
 

@@ -28,7 +28,8 @@ from linearize.data import IGNORE_INDEX
 from linearize.log import Tracker, get_logger
 from linearize.fingerprint import check_chain, stage_fingerprint
 from linearize.models.convert import apply_converted, build_adapter, save_converted
-from linearize.models.swap import attention_layers, set_mode, swap_attention
+from linearize.attention.hooks import attention_layers, set_mode
+from linearize.models.swap import swap_attention
 from linearize.train.export import save_full
 from linearize.rundir import publish, start_work, work_dir
 from linearize.train.loop import is_sharded, train

@@ -29,7 +29,8 @@ from linearize.attention import Linearized, Projected
 from linearize.log import Tracker, get_logger
 from linearize import ops
 from linearize.models.convert import save_converted
-from linearize.models.swap import attention_layers, restore_softmax, set_mode, swap_attention
+from linearize.attention.hooks import attention_layers, set_mode
+from linearize.models.swap import restore_softmax, swap_attention
 from linearize.fingerprint import stage_fingerprint
 from linearize.plots import plot_transfer
 from linearize.rundir import publish, start_work, work_dir
