@@ -43,6 +43,15 @@ def test_defaults_are_lolcats_stage1_recipe():
     assert build_config("stage=finetune").train.lr == 1e-4
 
 
+def test_a_recipe_sets_one_stage_alone():
+    """recipe=lolcats's stage-2 lr (configs/recipe_stage/lolcats/finetune.yaml) reaches its
+    finetune stage only, and a command-line value still wins."""
+    assert build_config("stage=finetune", "recipe=lolcats").train.lr == 1e-3
+    assert build_config("stage=transfer", "recipe=lolcats").train.lr == 1e-2
+    assert build_config("stage=finetune", "recipe=lolcats", "train.lr=5e-4").train.lr == 5e-4
+    assert build_config("stage=finetune", "recipe=supra").train.lr == 1e-4  # no file: the stage's own
+
+
 def test_run_dir_follows_model_and_attention():
     cfg = build_config("model=tiny-llama", "attention=hedgehog")
     assert cfg.run.dir == "runs/tiny-llama-hedgehog"

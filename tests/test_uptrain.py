@@ -126,6 +126,9 @@ def test_recipes_run_end_to_end(tmp_path, recipe, stages):
     assert out.returncode == 0, out.stderr[-3000:]
     for stage in stages:
         assert read_manifest(run_dir / stage)["attention"]["name"] == recipe, stage
+    if recipe == "lolcats":  # each stage composed with its own recipe settings under stage=all
+        lr = {s: read_manifest(run_dir / s)["fingerprint"]["train.lr"] for s in ("transfer", "finetune")}
+        assert lr == {"transfer": 1e-2, "finetune": 1e-3}
     ran = {p.name for p in run_dir.iterdir() if (p / "linearize.json").is_file()}
     assert ran == set(stages)
     model, tokenizer = load_converted(run_dir / "export")
