@@ -1,4 +1,4 @@
-"""``stage=generate``: stream text from a run's converted model.
+"""Decoding from a converted model, streamed (``stage=generate``: :mod:`linearize.stages.generate`).
 
 Decoding uses the constant-size recurrent state (:mod:`linearize.attention.cache`): the prompt
 is absorbed by the chunked form in one forward, then each new token is one recurrent step, so
@@ -7,10 +7,8 @@ the cost of a token does not grow with the context. ``generate()`` builds that c
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
-from typing import Callable, Optional, TextIO
+from typing import Optional, TextIO
 
 import torch
 from transformers import TextStreamer
@@ -21,6 +19,7 @@ from linearize.data import prompt_and_response
 from linearize.log import get_logger
 
 log = get_logger(__name__)
+
 
 def format_prompt(prompt: str, data_format: str) -> str:
     """The prompt as the model saw instructions in training (Alpaca template), or as is."""
@@ -85,35 +84,3 @@ class _Streamer(TextStreamer):
         self.stream.flush()
 
 
-def run_generate(
-    prepared, accelerator=None, tracker=None, *, read: Callable[[str], str] = input, out: TextIO = sys.stdout,
-) -> Path:  # fmt: skip
-    """Load the run's latest converted model and answer ``prompt`` (or prompts read in a loop)."""
-    from linearize.fingerprint import check_chain, converted_source
-    from linearize.models.convert import apply_converted
-
-    cfg = prepared.config
-    source = converted_source(Path(cfg.run.dir), "generate")
-    check_chain(source)
-    model = apply_converted(prepared.teacher, source, seed=cfg.run.seed).eval()
-    log.info("generating with the converted model in %s", source)
-    prompts = [cfg.prompt] if cfg.prompt else []
-    while True:
-        if not prompts:
-            if not cfg.generate.interactive:
-                break
-            try:
-                line = read("prompt> ").strip()
-            except EOFError:
-                break
-            if line in ("", "exit", "quit"):
-                break
-            prompts.append(line)
-        text = format_prompt(prompts.pop(0), cfg.data.format)
-        result = generate(model, prepared.tokenizer, text, cfg.generate, stream=out)
-        log.info(
-            "%d prompt + %d new tokens in %.2f s (%.1f tokens/s); decoding state %.1f KiB",
-            result["prompt_tokens"], result["new_tokens"], result["seconds"],
-            result["new_tokens"] / max(result["seconds"], 1e-9), result["state_bytes"] / 1024,
-        )  # fmt: skip
-    return source

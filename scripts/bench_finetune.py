@@ -38,7 +38,7 @@ from linearize.models.convert import build_adapter  # noqa: E402
 from linearize.models.load import load_teacher, resolve_device  # noqa: E402
 from linearize.attention.hooks import set_mode  # noqa: E402
 from linearize.models.swap import swap_attention  # noqa: E402
-from linearize.train.finetune import NextTokenObjective, make_objective  # noqa: E402
+from linearize.train.objectives import NextTokenObjective, make_objective  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

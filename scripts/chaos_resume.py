@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import hashlib
-import json
 import os
 import random
 import re
@@ -50,10 +49,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
+
+from linearize.train.checkpoint import checked_step, checkpoint_roots, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("transfer", "finetune", "blockwise", "all", "disk")
@@ -258,35 +258,20 @@ def run_and_kill(args: list[str], kill: Kill, log: Path) -> tuple[bool, str]:
 
 
 def checkpoint_dirs(work: Path) -> list[Path]:
-    """Every ``checkpoints`` dir of a stage's work dir: the stage's own, and blockwise's per block."""
-    return [work / "checkpoints", *sorted((work / "blocks").glob("*/checkpoints"))]
+    """Every ``checkpoints`` dir of a stage's work dir (:func:`checkpoint_roots`'s)."""
+    return [root / "checkpoints" for root in checkpoint_roots(work)]
 
 
 def latest_state(ckpt_root: Path) -> tuple[Optional[int], str]:
-    """The step ``latest`` points at if that checkpoint is whole; (None, why) otherwise.
-
-    Whole means: the pointed-at dir has ``train_state.json`` (parses), ``trainable.safetensors``
-    (every tensor reads) and ``training_state.pt`` (a zip archive whose CRCs check; it is not
-    unpickled).
-    """
-    from safetensors import safe_open
-
-    pointer = ckpt_root / "latest"
-    if not pointer.is_file():
-        return None, "no latest"
-    path = ckpt_root / pointer.read_text().strip()
+    """The step ``latest`` points at if that checkpoint is whole, by the check a resume makes
+    (:func:`linearize.train.checkpoint.checked_step`: nothing unpickled); (None, why) otherwise."""
     try:
-        step = json.loads((path / "train_state.json").read_text())["step"]
-        with safe_open(str(path / "trainable.safetensors"), "pt") as f:
-            for key in f.keys():
-                f.get_tensor(key)
-        with zipfile.ZipFile(path / "training_state.pt") as z:
-            bad = z.testzip()
-        if bad:
-            raise ValueError(f"bad member {bad}")
-    except Exception as err:  # anything unreadable is a torn checkpoint
-        return None, f"TORN {path.name}: {type(err).__name__}: {err}"
-    return step, path.name
+        path = latest_checkpoint(ckpt_root.parent)
+        if path is None:
+            return None, "no latest"
+        return checked_step(path), path.name
+    except (ValueError, OSError) as err:  # anything unreadable is a torn checkpoint
+        return None, f"TORN {ckpt_root}: {type(err).__name__}: {err}"
 
 
 def output_weights(run_dir: Path, stage: str) -> dict[str, bytes]:

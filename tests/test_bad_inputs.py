@@ -19,8 +19,9 @@ from torch import nn
 from linearize.config import DataConfig, TrainConfig, check_overrides
 from linearize.data import PackedData, Split, prepare_data, read_records
 from linearize.models.load import cached_gguf_dir, check_safetensors, check_teacher_files
-from linearize.stages import check_batches, preflight
-from linearize.train import loop
+from linearize.models.trainable import trainable_state
+from linearize.stages.preflight import check_batches, preflight
+from linearize.train import checkpoint, loop
 from tests.conftest import ROOT, build_config, data_root
 
 TINY = ("model=tiny-llama", "data.max_examples=60", "data.seq_len=64", "attention.window=8")
@@ -236,9 +237,9 @@ def _checkpoint(run_dir: Path, stage: str = "transfer", step: int = 2, made: tup
 
     model = nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(model.parameters())
-    state = loop.TrainState(step=step, total_steps=4)
+    state = checkpoint.TrainState(step=step, total_steps=4)
     fingerprint = stage_fingerprint(build_config(*made), stage)
-    return loop.save_checkpoint(work_dir(run_dir, stage), model, optimizer, loop.make_scheduler(TrainConfig(), optimizer, 4),
+    return checkpoint.save_checkpoint(work_dir(run_dir, stage), model, optimizer, loop.make_scheduler(TrainConfig(), optimizer, 4),
                                 state, fingerprint=fingerprint)  # fmt: skip
 
 
@@ -293,16 +294,16 @@ def _train(out: Path, objective, resume: bool = False):
     rows = Split(torch.randn(16, 4), torch.zeros(16, 1, dtype=torch.long), 16)
     cfg = TrainConfig(lr=0.1, batch_size=2, grad_accum=1, max_steps=4, eval_every=1, eval_batches=1, scheduler="constant")
     state = loop.train(model, objective, rows, rows, cfg, out, accelerator=Accelerator(cpu=True), seed=0, resume=resume)
-    return state, loop.trainable_state(model)
+    return state, trainable_state(model)
 
 
 def test_nan_loss_names_the_step_and_keeps_the_checkpoint(tmp_path):
     text = raises(FloatingPointError, _train, tmp_path, Quadratic(nan_on_call=3))
     assert "loss is nan at step 3; the last checkpoint is intact. Lower train.lr or check the data." in text
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-0000002"
-    from linearize.stages import check_checkpoint
+    from linearize.train.checkpoint import check_latest
 
-    check_checkpoint(tmp_path / "checkpoints")
+    check_latest(tmp_path)
 
 
 def test_failing_checkpoint_write_keeps_the_previous_latest(tmp_path, monkeypatch):

@@ -10,11 +10,12 @@ from linearize.config import validate
 from linearize.models.convert import build_adapter
 from linearize.models.load import load_teacher
 from linearize.models.swap import swap_attention
-from linearize.stages import check_values
-from linearize.train.finetune import DistillObjective, kd_loss, make_objective, teacher_view
+from linearize.stages.preflight import check_values
+from linearize.train.objectives import DistillObjective, kd_loss, make_objective, teacher_view
 from tests.conftest import build_config, compose_config
 from tests.test_finetune import TINY, prepared
 from tests.test_finetune import perturb_adapter as perturb
+
 
 def test_kd_loss_is_zero_exactly_for_equal_logits_and_positive_otherwise():
     logits = torch.randn(2, 5, 11)
@@ -99,12 +100,12 @@ def test_distillation_from_a_changed_teacher_is_refused(overrides, message):
 
 
 def test_uptrain_distils_too(tmp_path):
-    from linearize.train.finetune import run_uptrain
+    from linearize.stages.uptrain import run as run_uptrain
 
     prep = prepared(tmp_path, "stage=uptrain", "attention=supra", "train.trainable=new", "train.max_steps=1",
                     "train.eval_every=1", "train.eval_batches=1", "finetune.objective=kd")  # fmt: skip
     check_values(prep.config)
-    run_uptrain(prep, prep.accelerator)
+    run_uptrain(prep)
     from linearize.rundir import read_manifest
 
     history = read_manifest(tmp_path / "uptrain")["history"]

@@ -6,9 +6,9 @@ import json
 
 from linearize.config import validate
 from linearize.evaluate.report import compare
-from linearize.evaluate.run import run_eval
-from linearize.stages import prepare
-from linearize.train.finetune import run_finetune
+from linearize.stages.eval import run as run_eval
+from linearize.stages.finetune import run as run_finetune
+from linearize.stages.prepare import prepare
 from tests.conftest import compose_config, data_root
 
 TINY = ("model=tiny-llama", "attention=hedgehog", "data.max_examples=40", "data.seq_len=64",
@@ -22,7 +22,7 @@ def prepared(tmp_path, *overrides):
 
 def test_report_for_tiny_llama(tmp_path):
     prep = prepared(tmp_path, "stage=finetune")
-    run_finetune(prep, prep.accelerator)
+    run_finetune(prep)
     prep = prepared(tmp_path, "stage=eval", "eval.limit=2", "eval.tasks=[piqa,arc_challenge]",
                     "eval.ppl_tokens=600", "eval.ppl_seq_len=256", "eval.ppl_stride=128")  # fmt: skip
     out = run_eval(prep)
@@ -62,7 +62,7 @@ def test_compare_with_one_side_only():
 
 
 def test_task_limits_score_each_task_with_its_own_limit(monkeypatch):
-    from linearize.evaluate import run as eval_run
+    from linearize.evaluate import score as eval_run
 
     calls = []
 

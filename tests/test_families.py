@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from linearize.config import ModelConfig
-from linearize.models.families import convert_check, interface_families, tiny_model
 from linearize.attention.hooks import attention_layers, set_mode
+from linearize.config import ModelConfig
+from linearize.models.convert import save_full
+from linearize.models.families import convert_check, interface_families, tiny_model
 from linearize.models.swap import swap_attention
-from linearize.train.export import save_full
 from linearize.train.transfer import TransferObjective
 from tests.conftest import build_config
 

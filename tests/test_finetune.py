@@ -18,10 +18,13 @@ from linearize.models.convert import (
     save_converted,
 )
 from linearize.models.swap import swap_attention
-from linearize.stages import preflight, prepare
+from linearize.models.trainable import trainable_state
+from linearize.stages.finetune import run as run_finetune
+from linearize.stages.preflight import preflight
+from linearize.stages.prepare import prepare
+from linearize.stages.transfer import run as run_transfer
 from linearize.train import loop
-from linearize.train.finetune import NextTokenObjective, make_objective, run_finetune
-from linearize.train.transfer import run_transfer
+from linearize.train.objectives import NextTokenObjective, make_objective
 from tests.conftest import build_config, compose_config, data_root, kill_on_call
 
 TINY = ("model=tiny-llama", "attention=lolcats", "attention.window=8", "data.max_examples=120",
@@ -61,7 +64,7 @@ def test_every_adapter_trains_only_its_own_parameters(tmp_path, name):
 
 def test_train_new_also_trains_the_stage1_parameters(tmp_path):
     prep = prepared(tmp_path, "adapter.train_new=true", "finetune.start=swap", "train.max_steps=1")
-    run_finetune(prep, prep.accelerator)
+    run_finetune(prep)
     manifest = json.loads((tmp_path / "finetune" / "linearize.json").read_text())
     assert manifest["adapter"]["train_new"] is True
 
@@ -126,7 +129,7 @@ def _finetune(tmp_path, out, *overrides, resume=False, crash_at_call=None):
         kill_on_call(objective, crash_at_call)
     state = loop.train(model, objective, prep.data.train, prep.data.val, prep.config.train, out,
                        accelerator=Accelerator(cpu=True), seed=0, resume=resume)  # fmt: skip
-    return state, loop.trainable_state(model)
+    return state, trainable_state(model)
 
 
 def test_finetune_kill_and_resume_equals_uninterrupted(tmp_path):
@@ -148,11 +151,11 @@ def test_real_smollm2_transfer_then_finetune(tmp_path):
               "train.batch_size=2", "train.grad_accum=1", "train.eval_batches=3")  # fmt: skip
     dc = compose_config("stage=transfer", *common, "train.max_steps=8", "train.eval_every=8")
     prep = prepare(validate(dc), dc)
-    run_transfer(prep, prep.accelerator)
+    run_transfer(prep)
     dc = compose_config("stage=finetune", *common, "train.max_steps=10", "train.eval_every=5",
                         "train.lr=1e-3")  # fmt: skip
     prep = prepare(validate(dc), dc)
-    out = run_finetune(prep, prep.accelerator)
+    out = run_finetune(prep)
     manifest = json.loads((out / "linearize.json").read_text())
     vals = [h["val/val_loss"] for h in manifest["history"] if "val/val_loss" in h]
     delta = sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -165,11 +168,11 @@ def test_real_smollm2_transfer_then_finetune(tmp_path):
 
 
 def test_export_merged_equals_deltas(tmp_path):
-    from linearize.train.export import run_export
+    from linearize.stages.export import run as run_export
 
     prep = prepared(tmp_path, "finetune.start=swap", "train.max_steps=2", "train.eval_every=1",
                     "train.lr=1e-2")  # fmt: skip
-    run_finetune(prep, prep.accelerator)
+    run_finetune(prep)
     deltas, _ = load_converted(tmp_path / "finetune", cache_dir=prep.config.cache_dir)
     prep = prepared(tmp_path, "stage=export", "export.merge=true")
     out = run_export(prep)

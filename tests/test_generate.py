@@ -11,13 +11,15 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from linearize.attention.cache import RecurrentState, recurrent_entry
+from linearize.attention.hooks import attention_layers, set_mode
 from linearize.config import GenerateConfig, validate
-from linearize.generate import cache_bytes, format_prompt, generate, run_generate
+from linearize.generate import cache_bytes, format_prompt, generate
 from linearize.models.convert import save_converted
 from linearize.models.load import load_teacher, load_tokenizer
-from linearize.attention.hooks import attention_layers, set_mode
 from linearize.models.swap import swap_attention
-from linearize.stages import prepare, preflight
+from linearize.stages.generate import run as run_generate
+from linearize.stages.preflight import preflight
+from linearize.stages.prepare import prepare
 from tests.conftest import build_config, compose_config, data_root
 
 VARIANTS = {

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from linearize.stages.preflight import preflight
 from tests.conftest import ROOT, build_config
-from linearize.stages import preflight
 
 sys.path.insert(0, str(ROOT / "scripts"))
 spec = importlib.util.spec_from_file_location("quality_curve", ROOT / "scripts" / "quality_curve.py")

@@ -14,9 +14,9 @@ import torch
 from linearize.config import validate
 from linearize.models.convert import build_adapter, load_converted, save_converted
 from linearize.models.swap import swap_attention
-from linearize.stages import prepare
-from linearize.train.export import run_export
-from linearize.train.finetune import run_finetune
+from linearize.stages.export import run as run_export
+from linearize.stages.finetune import run as run_finetune
+from linearize.stages.prepare import prepare
 from tests.conftest import compose_config, data_root
 
 TINY = ("model=tiny-llama", "attention=lolcats", "attention.window=8", "data.max_examples=60",
@@ -60,7 +60,7 @@ def remote_logits(directory: Path, x: torch.Tensor, tmp_path: Path) -> torch.Ten
 
 def test_merged_export_loads_with_transformers_alone(tmp_path):
     prep = prepared(tmp_path, "finetune.start=swap", "attention.sinks=2")  # the sinks travel in the file too
-    run_finetune(prep, prep.accelerator)
+    run_finetune(prep)
     out = run_export(prepared(tmp_path, "stage=export", "export.merge=true"))
     assert (out / "modeling_linearize.py").is_file()
     expected, _ = load_converted(out)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from linearize.stages.preflight import preflight
 from tests.conftest import ROOT, build_config
-from linearize.stages import preflight
 
 spec = importlib.util.spec_from_file_location("reproduce_small", ROOT / "scripts" / "reproduce_small.py")
 rs = importlib.util.module_from_spec(spec)

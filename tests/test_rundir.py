@@ -20,7 +20,8 @@ from hydra import compose, initialize_config_dir
 from linearize.config import register_configs
 from linearize.models.convert import load_converted
 from linearize.rundir import RunDirError, lock_run_dir, read_manifest, stage_status
-from linearize.stages import checked_config, preflight, run_stage
+from linearize.stages import checked_config, run_stage
+from linearize.stages.preflight import preflight
 from tests.conftest import CONFIGS, ROOT, build_config, data_root
 
 BASE = ("model=tiny-llama", "attention=lolcats", "attention.window=8", "data.max_examples=60", "data.seq_len=96",

@@ -11,12 +11,15 @@ from accelerate import Accelerator
 from torch import nn
 
 from linearize import ops
-from linearize.config import validate
 from linearize.attention.hooks import attention_layers
+from linearize.config import validate
 from linearize.models.swap import swap_attention
-from linearize.stages import prepare, preflight
-from linearize.train import loop
-from linearize.train.transfer import TransferObjective, run_transfer
+from linearize.models.trainable import trainable_state
+from linearize.stages.preflight import preflight
+from linearize.stages.prepare import prepare
+from linearize.stages.transfer import run as run_transfer
+from linearize.train import checkpoint, loop
+from linearize.train.transfer import TransferObjective
 from tests.conftest import build_config, compose_config, data_root, kill_on_call
 
 TINY = ("model=tiny-llama", "data.max_examples=120", "data.seq_len=64", "data.val_fraction=0.1")
@@ -99,7 +102,7 @@ def _train(tmp_path, out: Path, *, resume=False, crash_at_call=None):
         model, objective, prep.data.train, prep.data.val, prep.config.train, out,
         accelerator=Accelerator(cpu=True), seed=0, resume=resume,
     )  # fmt: skip
-    return state, loop.trainable_state(model)
+    return state, trainable_state(model)
 
 
 def test_kill_after_step_3_then_resume_equals_uninterrupted(tmp_path):
@@ -147,25 +150,25 @@ def test_non_finite_layer_is_named_with_the_step(tmp_path, when):
 
 def test_crash_while_writing_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real_save = loop.save_file
+    real_save = checkpoint.save_file
 
     def failing_save(tensors, path, *a, **kw):
         if "step-0000002" in str(Path(path).parent) or ".step-0000002" in str(path):
             raise OSError("disk full (simulated)")
         return real_save(tensors, path, *a, **kw)
 
-    monkeypatch.setattr(loop, "save_file", failing_save)
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
     with pytest.raises(OSError, match="simulated"):
         _train(tmp_path, out)
     assert (out / "checkpoints" / "latest").read_text() == "step-0000001"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-0000001"]
-    assert loop.latest_checkpoint(out).name == "step-0000001"
+    assert checkpoint.latest_checkpoint(out).name == "step-0000001"
 
 
 def test_keep_softmax_sets_the_worst_layers_back(tmp_path):
     prep = prepared(tmp_path, "stage=transfer", "attention=hedgehog", "attention.keep_softmax=1",
                     "train.max_steps=2", "train.eval_every=1", "train.grad_accum=1")  # fmt: skip
-    out = run_transfer(prep, prep.accelerator)
+    out = run_transfer(prep)
     result = json.loads((out / "result.json").read_text())
     per_layer = {int(k): v for k, v in result["val_mse_per_layer"].items()}
     worst = max(per_layer, key=per_layer.get)
@@ -223,7 +226,7 @@ def test_real_smollm2_transfer_lowers_validation_mse(tmp_path):
         "train.eval_every=6", "train.grad_accum=1", "train.batch_size=2", "train.eval_batches=2",
     )  # fmt: skip
     prep = prepare(validate(dc), dc)
-    out = run_transfer(prep, prep.accelerator)
+    out = run_transfer(prep)
     result = json.loads((out / "result.json").read_text())
     vals = [h["val/mse"] for h in result["history"] if "val/mse" in h]
     print(f"SmolLM2-135M lolcats transfer, val MSE by eval: {vals}")
@@ -313,7 +316,7 @@ def test_blockwise_run_writes_the_same_kind_of_result_as_joint(tmp_path):
         prep = prepared(tmp_path / mode, "stage=transfer", "attention=lolcats", f"transfer.mode={mode}",
                         "data.max_examples=40", "train.max_steps=2", "train.eval_every=1",
                         "train.grad_accum=1")  # fmt: skip
-        out = run_transfer(prep, prep.accelerator)
+        out = run_transfer(prep)
         from safetensors.torch import load_file
 
         results[mode] = (json.loads((out / "result.json").read_text()), load_file(out / "attention.safetensors"))

@@ -10,11 +10,14 @@ from safetensors.torch import load_file
 
 from linearize.config import validate
 from linearize.models.convert import apply_converted, load_converted, read_manifest
-from linearize.stages import prepare, preflight
 from linearize.models.load import load_teacher
 from linearize.models.swap import swap_attention
-from linearize.train import finetune
-from linearize.train.finetune import NextTokenObjective, run_uptrain, set_trainable
+from linearize.models.trainable import set_trainable
+from linearize.stages.preflight import preflight
+from linearize.stages.prepare import prepare
+from linearize.stages.uptrain import run as run_uptrain
+from linearize.train import objectives
+from linearize.train.objectives import NextTokenObjective
 from tests.conftest import build_config, compose_config, data_root, kill_on_call
 from tests.test_cli import run_cli
 
@@ -47,7 +50,7 @@ def initial_model(prep):
 def test_uptrain_changes_exactly_the_trainable_set(tmp_path, trainable):
     prep = prepared(tmp_path, f"train.trainable={trainable}", "train.max_steps=2")
     start = dict(initial_model(prep).named_parameters())
-    out = run_uptrain(prep, prep.accelerator)
+    out = run_uptrain(prep)
     model = prep.teacher
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, start[n])}
     new = {n for n, _ in model.named_parameters() if ".mixer." in n}
@@ -80,7 +83,7 @@ def test_set_trainable_marks_the_sets():
 
 def test_uptrain_resume_is_exact(tmp_path, monkeypatch):
     whole = prepared(tmp_path / "whole", "train.trainable=attention")
-    run_uptrain(whole, whole.accelerator)
+    run_uptrain(whole)
     expected = load_file(tmp_path / "whole" / "uptrain" / "model.safetensors")
 
     def killed():
@@ -90,14 +93,14 @@ def test_uptrain_resume_is_exact(tmp_path, monkeypatch):
         return objective
 
     crashed = prepared(tmp_path / "crash", "train.trainable=attention")
-    monkeypatch.setattr(finetune, "NextTokenObjective", killed)
+    monkeypatch.setattr(objectives, "NextTokenObjective", killed)
     with pytest.raises(KeyboardInterrupt):
-        run_uptrain(crashed, crashed.accelerator)
+        run_uptrain(crashed)
     monkeypatch.undo()
     ckpt = tmp_path / "crash" / "work" / "uptrain" / "checkpoints"
     assert (ckpt / "latest").read_text() == "step-0000002"
     resumed = prepared(tmp_path / "crash", "train.trainable=attention", "run.resume=true")
-    run_uptrain(resumed, resumed.accelerator)
+    run_uptrain(resumed)
     got = load_file(tmp_path / "crash" / "uptrain" / "model.safetensors")
     assert got.keys() == expected.keys()
     for name in expected:

@@ -33,16 +33,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer
 
+from linearize.attention.hooks import set_mode
 from linearize.config import AdapterConfig, AttentionConfig, ModelConfig
 from linearize.log import get_logger
 from linearize.models.load import file_sha256, load_teacher, load_tokenizer, resolve_source
-from linearize.models.remote import write_remote_code
-from linearize.attention.hooks import set_mode
 from linearize.models.probe import layer_split
+from linearize.models.remote import write_remote_code
 from linearize.models.swap import swap_attention
+from linearize.models.trainable import new_parameters
 from linearize.rundir import MANIFEST, read_manifest, write_manifest
 
-__all__ = ["MANIFEST", "apply_converted", "build_adapter", "load_converted", "read_manifest", "save_converted"]
+__all__ = ["MANIFEST", "apply_converted", "build_adapter", "load_converted", "read_manifest", "save_converted", "save_full"]
 
 log = get_logger(__name__)
 
@@ -105,7 +106,7 @@ def save_converted(
     the teacher (and ``teacher_origin`` the teacher it came from)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plain = base_model(model)
-    new = {n: p.detach().cpu().contiguous() for n, p in plain.named_parameters() if ".mixer." in n}
+    new = {n: p.detach().cpu().contiguous() for n, p in new_parameters(plain).items()}
     save_file(new, out_dir / "attention.safetensors")
     if adapter is not None:
         state = peft.get_peft_model_state_dict(model)
@@ -126,6 +127,20 @@ def save_converted(
         tokenizer.save_pretrained(out_dir)
     write_manifest(out_dir, manifest, fingerprint or {})
     return out_dir
+
+
+def save_full(model, out_dir: Path, *, home: Path, teacher: ModelConfig, attention: AttentionConfig, tokenizer,
+              seed: int, extra: dict, fingerprint: dict) -> None:  # fmt: skip
+    """Write ``model`` (a swapped teacher, no adapter) whole into ``out_dir``: ``model.safetensors``
+    holds every weight but the new attention parameters, and the manifest names ``home`` (where
+    ``out_dir`` is published) as the teacher, so the directory loads without the original
+    teacher; ``teacher_origin`` records that one."""
+    new = new_parameters(model)
+    weights = {n: p for n, p in model.state_dict().items() if n not in new}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, state_dict=weights)
+    save_converted(model, out_dir, teacher=teacher, attention=attention, softmax_layers=attention.softmax_layers,
+                   tokenizer=tokenizer, seed=seed, extra=extra, fingerprint=fingerprint, home=home)  # fmt: skip
 
 
 def full_weight_files(path: Path) -> list[Path]:
@@ -175,7 +190,7 @@ def apply_converted(teacher: nn.Module, path: Path, *, with_adapter: bool = True
     swap_attention(teacher, attention, seed=seed)
     new = load_file(path / "attention.safetensors")
     params = dict(teacher.named_parameters())
-    expected = {n for n in params if ".mixer." in n}
+    expected = set(new_parameters(teacher))
     if set(new) != expected:
         raise ValueError(
             f"{path}/attention.safetensors does not fit this model: "

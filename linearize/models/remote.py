@@ -34,7 +34,7 @@ from linearize.attention import (
     supra,
     window,
 )
-from linearize.models import probe, swap
+from linearize.models import probe, swap, trainable
 from linearize.ops import reference
 
 MODELING_FILE = "modeling_linearize.py"
@@ -169,7 +169,7 @@ def modeling_source() -> str:
         _body(cache), _body(projected), _body(padding), _body(hooks), _body(layer),
         _body(linear), _body(window), _body(gated), _body(supra),
         _body(__import__("linearize.attention", fromlist=["build_mixer"])),
-        _body(probe), _body(swap),
+        _body(probe), _body(trainable), _body(swap),
         _LOADER,
     ]  # fmt: skip
     return "\n\n".join(sections)

@@ -23,6 +23,7 @@ from linearize.attention.layer import PREFIX, Linearized, register
 from linearize.config import AttentionConfig
 from linearize.log import get_logger
 from linearize.models.probe import check_convertible, local_window
+from linearize.models.trainable import new_parameters, set_trainable
 
 log = get_logger(__name__)
 
@@ -99,9 +100,8 @@ def swap_attention(model: PreTrainedModel, cfg: AttentionConfig, seed: int = 0) 
             f"attention.softmax_layers={cfg.softmax_layers}): nothing to convert; set attention.convert=all "
             "to convert the local layers too"
         )
-    model.requires_grad_(False)
     for f, window in plan:
-        name, module = f.name, f.module
+        module = f.module
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 1_000_003 + module.layer_idx)
             mixer = build_mixer(cfg, f.n_heads, f.n_kv_heads, f.head_dim)
@@ -111,10 +111,9 @@ def swap_attention(model: PreTrainedModel, cfg: AttentionConfig, seed: int = 0) 
         module.register_forward_pre_hook(before_call, with_kwargs=True)
         module.register_forward_hook(after_call, with_kwargs=True)
         report.swapped.append(module.layer_idx)
-        for pname, p in mixer.named_parameters():
-            p.requires_grad_(True)
-            report.new_parameters += p.numel()
-            report.trainable.append(f"{name}.mixer.{pname}")
+    set_trainable(model, "new")
+    new = new_parameters(model)
+    report.new_parameters, report.trainable = sum(p.numel() for p in new.values()), list(new)
     model.set_attn_implementation(register(original))
     log.info("%s (%s, attention function %s)", report.summary(), c.model_type, c._attn_implementation)
     return report

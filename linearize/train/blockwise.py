@@ -27,11 +27,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from linearize.data import Split
-from linearize.log import get_logger
 from linearize.attention.hooks import attention_layers, set_mode
+from linearize.config import Config
+from linearize.data import PackedData, Split
+from linearize.log import get_logger
+from linearize.models.trainable import load_trainable_state
 from linearize.rundir import honour_umask
-from linearize.train.loop import load_trainable_state, train, validate, validation_batches
+from linearize.train.loop import train, validate, validation_batches
+from linearize.train.transfer import TransferObjective, per_layer_mse
 
 log = get_logger(__name__)
 
@@ -201,17 +204,15 @@ def load_boundary(cache_dir: Path, start: int) -> Tensor:
     return torch.cat([load_file(s)[f"layer_{start:03d}"] for s in shards])
 
 
-def train_blockwise(prepared, model: nn.Module, out_dir: Path, accelerator, fingerprint: dict | None = None) -> dict:
+def train_blockwise(cfg: Config, data: PackedData, model: nn.Module, out_dir: Path, accelerator,
+                    fingerprint: dict | None = None) -> dict:  # fmt: skip
     """Cache, train every block (this process's share), merge; returns the per-layer outcome.
     ``out_dir`` is the stage's work dir; ``fingerprint`` goes into every block's checkpoints."""
-    from linearize.train.transfer import TransferObjective, per_layer_mse
-
-    cfg = prepared.config
     world, rank = accelerator.num_processes, accelerator.process_index
     bounds = block_bounds(model.config.num_hidden_layers, cfg.transfer.block_size)
     starts = [s for s, _ in bounds]
-    check_blocks(model, bounds, prepared.data.train.input_ids[:1])
-    for name, split in (("train", prepared.data.train), ("val", prepared.data.val)):
+    check_blocks(model, bounds, data.train.input_ids[:1])
+    for name, split in (("train", data.train), ("val", data.val)):
         cache_hidden_states(model, split, starts, out_dir / "hidden_cache" / name,
                             cfg.transfer.shard_rows, cfg.train.batch_size, rank, world)  # fmt: skip
     accelerator.wait_for_everyone()
@@ -224,7 +225,7 @@ def train_blockwise(prepared, model: nn.Module, out_dir: Path, accelerator, fing
             continue
         log.info("block %d/%d: layers %d..%d", i + 1, len(bounds), start, end - 1)
         splits = []
-        for name, split in (("train", prepared.data.train), ("val", prepared.data.val)):
+        for name, split in (("train", data.train), ("val", data.val)):
             hidden = load_boundary(out_dir / "hidden_cache" / name, start)
             splits.append(Split(hidden, torch.zeros(len(hidden), 1, dtype=torch.long), split.examples))
         objective = TransferObjective(

@@ -1,355 +1,52 @@
 """The one training loop, used by every training stage; stages differ only in their objective.
 
-Reads top to bottom: build the optimizer and schedule, restore a checkpoint if resuming, then
-per optimizer step accumulate ``grad_accum`` micro-batches, clip, step, log; every
-``eval_every`` steps validate, keep the best weights, step the plateau schedule, checkpoint.
+Reads top to bottom: :func:`train` first (build the optimizer and schedule, restore a checkpoint
+if resuming, then per optimizer step accumulate ``grad_accum`` micro-batches, clip, step, log;
+every ``eval_every`` steps validate, keep the best weights, step the plateau schedule,
+checkpoint), then the pieces it calls in the order it calls them.
 
 Data order is a pure function of (seed, epoch): a seeded permutation of the packed rows, cut
 into micro-batches of ``batch_size`` rows per process. A checkpoint therefore needs only the
 step count to find its place in the data, and a resumed run sees exactly the batches the
-uninterrupted one would have. Checkpoints hold only the trainable parameters (the deltas),
-the optimizer, the scheduler, RNG states and the :class:`TrainState`; each is written into a
-temporary directory that is renamed into place, and ``latest`` is switched last, so a crash
-mid-write leaves the previous checkpoint as the latest.
-
-Under FSDP (``accelerate launch`` with a ``distributed_type: FSDP`` config) ``prepare`` shards
-the model in place: its parameters become DTensors holding each process's shard. Reading them
-whole (best weights, checkpoints) is then a collective every process joins, and the checkpoint
-holds the gathered, unsharded tensors and optimizer state, written by the main process in the
-same files as without FSDP (the optimizer state keyed by parameter name instead of index).
+uninterrupted one would have (:mod:`linearize.train.checkpoint` writes and restores them;
+:mod:`linearize.train.distributed` holds what several processes add).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import random
-import shutil
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from linearize.config import TrainConfig
 from linearize.data import Split
 from linearize.log import Tracker, get_logger
-from linearize.rundir import FINGERPRINT, RunDirError, honour_umask, read_json, resume_differences, shown, write_dir_atomically
+from linearize.rundir import RunDirError
+from linearize.train.checkpoint import (
+    TrainState,
+    check_fingerprint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_file_atomic,
+)
+from linearize.train.distributed import (
+    average_gradients,
+    broadcast_parameters,
+    gathered_optimizer_state,
+    gathered_trainable,
+    is_sharded,
+    load_trainable,
+)
 
 log = get_logger(__name__)
-
-
-class Objective(Protocol):
-    """What a stage trains for: a loss on a batch, and validation metrics over batches."""
-
-    def loss(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
-        """Scalar loss (with a graph) and floats to log; ``inputs`` are token ids or, for a
-        block trained from cached teacher states, hidden states."""
-        ...
-
-    def validate(self, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
-        """Metrics over validation batches; must hold ``val_loss`` (lower is better)."""
-        ...
-
-
-def backpropagates_itself(objective: Objective) -> bool:
-    """Whether ``objective`` runs its backward inside the forward, in pieces.
-
-    Such an objective has ``loss_and_backward(model, inputs, labels, backward)``: it calls
-    ``backward`` on parts of the loss as soon as each is known (stage 1: one per layer, so one
-    layer's graph is held at a time) and returns the detached total. The model is then not
-    wrapped in DDP, whose reducer expects exactly one backward per forward; the loop averages
-    the gradients over processes itself before each optimizer step.
-    """
-    return callable(getattr(objective, "loss_and_backward", None))
-
-
-def broadcast_parameters(params: list[Tensor], accelerator: Accelerator) -> None:
-    """Start every process from rank 0's values (what DDP does when it wraps a model)."""
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast
-
-        with torch.no_grad():
-            for p in params:
-                p.copy_(broadcast(p.detach().clone(), from_process=0))
-
-
-def average_gradients(params: list[Tensor], accelerator: Accelerator) -> None:
-    """Mean of each gradient over processes, in one flat all-reduce (what DDP does)."""
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")
-    for p, part in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = part.view_as(p).to(p.dtype)
-
-
-def is_sharded(accelerator) -> bool:
-    """Whether ``accelerator.prepare`` shards the model (FSDP)."""
-    return getattr(accelerator, "distributed_type", None) == DistributedType.FSDP
-
-
-def _full_options(**kwargs):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, **kwargs)
-
-
-def _optimizer(optimizer):
-    return getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch one
-
-
-def gathered_trainable(model: nn.Module, accelerator) -> dict[str, Tensor]:
-    """:func:`trainable_state` on the main process, ``{}`` on the others. Under FSDP the shards
-    are gathered: every process must call it."""
-    if is_sharded(accelerator):
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        full = get_model_state_dict(model, options=_full_options(cpu_offload=True))  # main only
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        return {n: full[n] for n in names} if accelerator.is_main_process else {}
-    return trainable_state(model) if accelerator.is_main_process else {}
-
-
-def gathered_optimizer_state(model: nn.Module, optimizer, accelerator) -> dict:
-    """The optimizer's state dict (under FSDP gathered whole onto the main process, keyed by
-    parameter name; every process must call it)."""
-    if is_sharded(accelerator):
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        return get_optimizer_state_dict(model, _optimizer(optimizer), options=_full_options(cpu_offload=True))
-    return optimizer.state_dict() if accelerator.is_main_process else {}
-
-
-def load_trainable(model: nn.Module, tensors: dict[str, Tensor], accelerator) -> None:
-    """:func:`load_trainable_state`; under FSDP each process keeps its shard of ``tensors``."""
-    if not is_sharded(accelerator):
-        load_trainable_state(model, tensors)
-        return
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
-    unknown = [n for n in tensors if n not in params]
-    if missing or unknown:
-        raise ValueError(f"checkpoint does not fit the model: missing {missing[:3]}, unknown {unknown[:3]}")
-    set_model_state_dict(model, tensors, options=_full_options(strict=False))
-
-
-@dataclass
-class TrainState:
-    """Everything besides tensors that a bit-exact resume needs."""
-
-    step: int = 0
-    total_steps: int = 0
-    best_val: float = math.inf
-    best_step: int = -1
-    evals_without_improvement: int = 0
-    stopped_early: bool = False
-    history: list[dict] = field(default_factory=list)
-
-
-def trainable_state(model: nn.Module) -> dict[str, Tensor]:
-    """The deltas: parameters that require grad, by name."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: nn.Module, tensors: dict[str, Tensor]) -> None:
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
-    unknown = [n for n in tensors if n not in params]
-    if missing or unknown:
-        raise ValueError(f"checkpoint does not fit the model: missing {missing[:3]}, unknown {unknown[:3]}")
-    with torch.no_grad():
-        for n, t in tensors.items():
-            params[n].copy_(t)
-
-
-def micro_batch(split: Split, seed: int, index: int, rows: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
-    """Micro-batch ``index`` of the endless epoch sequence: this rank's ``rows`` of it."""
-    per_epoch = len(split) // (rows * world)
-    epoch, pos = divmod(index, per_epoch)
-    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    start = (pos * world + rank) * rows
-    idx = order[start : start + rows]
-    return split.input_ids[idx], split.labels[idx]
-
-
-def validation_batches(split: Split, cfg: TrainConfig, seed: int, accelerator: Accelerator) -> list:
-    """This process's share of the validation set: equal-size batches on every process."""
-    world, rank = accelerator.num_processes, accelerator.process_index
-    n = len(split) // (cfg.batch_size * world)
-    if n < 1:
-        raise ValueError(
-            f"{len(split)} validation rows are fewer than one batch per process "
-            f"({cfg.batch_size} x {world}); raise data.val_fraction"
-        )
-    n = min(n, cfg.eval_batches or n)
-    return [micro_batch(split, seed, i, cfg.batch_size, rank, world) for i in range(n)]
-
-
-def validate(objective: Objective, model: nn.Module, batches: list, accelerator: Accelerator, step: int) -> dict[str, float]:
-    """The objective's validation metrics after ``step`` optimizer steps, averaged over processes."""
-    model.eval()
-    with torch.no_grad(), accelerator.autocast():  # mixed precision as in training
-        try:
-            val = objective.validate(model, batches)
-        except FloatingPointError as err:  # an objective that names the layer
-            raise FloatingPointError(f"validation after step {step}: {err}") from None
-    # Every process scored a shard of equal size, so the mean of the means is the mean.
-    device = accelerator.device
-    return {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in val.items()}
-
-
-def plan_steps(cfg: TrainConfig, n_rows: int, world: int) -> int:
-    """Optimizer steps: the epoch cap, then ``max_steps``. Raises when not even one fits."""
-    rows_per_step = cfg.batch_size * cfg.grad_accum * world
-    steps = int(cfg.epochs * n_rows) // rows_per_step
-    if cfg.max_steps is not None:
-        steps = min(steps, cfg.max_steps)
-    if steps < 1:
-        raise ValueError(
-            f"{n_rows} training rows give no optimizer step of {rows_per_step} rows "
-            f"(train.batch_size x train.grad_accum x {world} processes); add data or lower them"
-        )
-    return steps
-
-
-def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total: int):
-    if cfg.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
-        )
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))
-        )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-
-
-def _rng_state() -> dict:
-    # NumPy's key array as a tensor, so that the file loads with torch.load(weights_only=True).
-    name, key, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss)
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    name, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-
-
-def save_file_atomic(tensors: dict[str, Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp)
-    honour_umask(tmp)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: TrainState, *,
-                    tensors: Optional[dict] = None, optimizer_state: Optional[dict] = None,
-                    fingerprint: Optional[dict] = None) -> Path:  # fmt: skip
-    """Write a checkpoint (one writer). ``tensors`` and ``optimizer_state``, when given, are what
-    to write for the model and optimizer (gathered under FSDP); by default they are read here.
-    ``fingerprint``: the settings the run trains with, kept in the checkpoint for resume checks."""
-    name = f"step-{state.step:07d}"
-    tensors = trainable_state(model) if tensors is None else tensors
-    optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
-
-    def write(tmp: Path) -> None:
-        save_file(tensors, tmp / "trainable.safetensors")
-        torch.save(
-            {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-            tmp / "training_state.pt",
-        )
-        (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=1))
-        if fingerprint is not None:
-            (tmp / FINGERPRINT).write_text(json.dumps(fingerprint, indent=1, default=str))
-
-    ckpt_root = out_dir / "checkpoints"
-    write_dir_atomically(ckpt_root / name, write)
-    pointer = ckpt_root / ".latest.tmp"
-    pointer.write_text(name)
-    os.replace(pointer, ckpt_root / "latest")  # switched only once the checkpoint is whole
-    # Older checkpoints, and half-written ones a killed process left behind (one writer: rank 0).
-    for old in [*ckpt_root.glob("step-*"), *ckpt_root.glob(".step-*.tmp-*"), *ckpt_root.glob(".step-*.old")]:
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
-    return ckpt_root / name
-
-
-def latest_checkpoint(out_dir: Path) -> Optional[Path]:
-    """The checkpoint ``latest`` names; ``None`` when there is none yet.
-
-    Raises:
-        FileNotFoundError: when ``latest`` names a checkpoint that is not there (never start over
-            silently).
-    """
-    pointer = out_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = out_dir / "checkpoints" / pointer.read_text().strip()
-    if not (path / "train_state.json").is_file():
-        raise FileNotFoundError(
-            f"{pointer} names {str(path)!r}, which is missing or incomplete; restore it, or delete "
-            f"{pointer.parent} (or set run.resume=false) to start over"
-        )
-    return path
-
-
-def check_fingerprint(ckpt: Path, fingerprint: dict) -> None:
-    """The checkpoint at ``ckpt`` was made with ``fingerprint`` (a resume may change only how long
-    training runs: ``LENGTH_KEYS``).
-
-    Raises:
-        RunDirError: naming each differing key with the checkpoint's and this run's value.
-    """
-    own = ckpt / FINGERPRINT
-    recorded = read_json(own, "the checkpoint fingerprint", f"delete {ckpt.parent} to start over") if own.is_file() else None
-    diff = resume_differences(recorded, fingerprint)
-    if diff:
-        raise RunDirError(
-            f"run.resume=true, but checkpoint {ckpt} was made with other settings (checkpoint -> now): "
-            f"{shown(diff)}. Resume with the checkpoint's settings, or delete {ckpt.parent.parent} "
-            "(or use a new run.dir) to start over with these"
-        )
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator=None) -> TrainState:
-    """Restore a checkpoint; nothing in it is unpickled beyond tensors and plain containers.
-    Under FSDP (``accelerator`` given, model prepared) every process restores its shards."""
-    name = path / "trainable.safetensors"
-    try:
-        tensors = load_file(name)
-        name = path / "training_state.pt"
-        extra = torch.load(name, weights_only=True)
-        name = path / "train_state.json"
-        state = TrainState(**json.loads(name.read_text()))
-    except Exception as err:  # safetensors, torch and json each fail in their own way
-        raise ValueError(
-            f"checkpoint file {str(name)!r} is damaged ({type(err).__name__}: {err}); restore it, or "
-            f"delete {path.parent} (or set run.resume=false) to start over"
-        ) from err
-    load_trainable(model, tensors, accelerator)
-    if is_sharded(accelerator):
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, _optimizer(optimizer), extra["optimizer"], options=_full_options())
-    else:
-        optimizer.load_state_dict(extra["optimizer"])
-    scheduler.load_state_dict(extra["scheduler"])
-    _set_rng_state(extra["rng"])
-    return state
 
 
 def train(
@@ -497,3 +194,90 @@ def train(
     if best.is_file():
         load_trainable(model, load_file(best), accelerator)
     return state
+
+
+class Objective(Protocol):
+    """What a stage trains for: a loss on a batch, and validation metrics over batches."""
+
+    def loss(self, model: nn.Module, inputs: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
+        """Scalar loss (with a graph) and floats to log; ``inputs`` are token ids or, for a
+        block trained from cached teacher states, hidden states."""
+        ...
+
+    def validate(self, model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
+        """Metrics over validation batches; must hold ``val_loss`` (lower is better)."""
+        ...
+
+
+def backpropagates_itself(objective: Objective) -> bool:
+    """Whether ``objective`` runs its backward inside the forward, in pieces.
+
+    Such an objective has ``loss_and_backward(model, inputs, labels, backward)``: it calls
+    ``backward`` on parts of the loss as soon as each is known (stage 1: one per layer, so one
+    layer's graph is held at a time) and returns the detached total. The model is then not
+    wrapped in DDP, whose reducer expects exactly one backward per forward; the loop averages
+    the gradients over processes itself before each optimizer step.
+    """
+    return callable(getattr(objective, "loss_and_backward", None))
+
+
+def micro_batch(split: Split, seed: int, index: int, rows: int, rank: int, world: int) -> tuple[Tensor, Tensor]:
+    """Micro-batch ``index`` of the endless epoch sequence: this rank's ``rows`` of it."""
+    per_epoch = len(split) // (rows * world)
+    epoch, pos = divmod(index, per_epoch)
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    start = (pos * world + rank) * rows
+    idx = order[start : start + rows]
+    return split.input_ids[idx], split.labels[idx]
+
+
+def validation_batches(split: Split, cfg: TrainConfig, seed: int, accelerator: Accelerator) -> list:
+    """This process's share of the validation set: equal-size batches on every process."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n = len(split) // (cfg.batch_size * world)
+    if n < 1:
+        raise ValueError(
+            f"{len(split)} validation rows are fewer than one batch per process "
+            f"({cfg.batch_size} x {world}); raise data.val_fraction"
+        )
+    n = min(n, cfg.eval_batches or n)
+    return [micro_batch(split, seed, i, cfg.batch_size, rank, world) for i in range(n)]
+
+
+def validate(objective: Objective, model: nn.Module, batches: list, accelerator: Accelerator, step: int) -> dict[str, float]:
+    """The objective's validation metrics after ``step`` optimizer steps, averaged over processes."""
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():  # mixed precision as in training
+        try:
+            val = objective.validate(model, batches)
+        except FloatingPointError as err:  # an objective that names the layer
+            raise FloatingPointError(f"validation after step {step}: {err}") from None
+    # Every process scored a shard of equal size, so the mean of the means is the mean.
+    device = accelerator.device
+    return {k: accelerator.reduce(torch.tensor(v, device=device), "mean").item() for k, v in val.items()}
+
+
+def plan_steps(cfg: TrainConfig, n_rows: int, world: int) -> int:
+    """Optimizer steps: the epoch cap, then ``max_steps``. Raises when not even one fits."""
+    rows_per_step = cfg.batch_size * cfg.grad_accum * world
+    steps = int(cfg.epochs * n_rows) // rows_per_step
+    if cfg.max_steps is not None:
+        steps = min(steps, cfg.max_steps)
+    if steps < 1:
+        raise ValueError(
+            f"{n_rows} training rows give no optimizer step of {rows_per_step} rows "
+            f"(train.batch_size x train.grad_accum x {world} processes); add data or lower them"
+        )
+    return steps
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total: int):
+    if cfg.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+        )
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)

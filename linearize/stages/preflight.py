@@ -1,71 +1,38 @@
-"""What each ``stage=`` value runs. Every stage starts from :func:`prepare`."""
+"""The checks every stage passes before any model or data loads (:func:`preflight`), and those
+``stage=all`` runs for every stage before the first starts (:func:`check_values`)."""
 
 from __future__ import annotations
 
 import difflib
 import json
 import os
-import shutil
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-from accelerate import Accelerator
-from omegaconf import DictConfig, OmegaConf
-from transformers import PreTrainedModel
+from omegaconf import DictConfig
 
 from linearize.config import Config
-from linearize.data import PackedData, local_files, prepare_data
+from linearize.data import PackedData, local_files
 from linearize.fingerprint import adopt_source, check_chain, converted_source, stage_fingerprint
-from linearize.log import get_logger, process_rank
-from linearize.rundir import (
-    RunDirError,
-    check_safetensors,
-    has_work,
-    lock_run_dir,
-    resume_differences,
-    shown,
-    stage_status,
-    work_dir,
-    work_fingerprint,
-)
+from linearize.log import get_logger
 from linearize.models.load import (
     check_teacher_files,
-    describe,
-    load_teacher,
-    load_tokenizer,
     resolve_device,
     resolve_source,
 )
+from linearize.rundir import (
+    RunDirError,
+    has_work,
+    resume_differences,
+    shown,
+    work_dir,
+    work_fingerprint,
+)
+from linearize.train.checkpoint import check_latest, checkpoint_roots
 
 log = get_logger(__name__)
 
 TRAINING_STAGES = ("prepare", "transfer", "finetune", "uptrain", "all")
-
-
-@dataclass
-class Prepared:
-    """What every stage starts from: the checked config, its run dir, teacher and data."""
-
-    config: Config
-    run_dir: Path
-    tokenizer: object
-    teacher: PreTrainedModel
-    data: Optional[PackedData]
-    accelerator: Accelerator
-
-
-def write_resolved_config(cfg: DictConfig, run_dir: Path) -> Path:
-    """The fully resolved config (interpolations filled in) beside the run's outputs: a record of
-    the last training stage run there (nothing reads it back; resumes check fingerprints)."""
-    path = run_dir / "config.yaml"
-    if process_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".config.yaml.tmp-{os.getpid()}")
-        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        os.replace(tmp, path)
-    return path
 
 
 def checked_config(cfg: DictConfig, overrides: list[str]) -> Config:
@@ -208,37 +175,6 @@ def check_layers(config: Config, n_layers: int) -> None:
         )
 
 
-def checkpoint_roots(out_dir: Path) -> list[Path]:
-    """A stage's checkpoint dirs: its own, and blockwise transfer's per block."""
-    return [out_dir / "checkpoints", *sorted((out_dir / "blocks").glob("*/checkpoints"))]
-
-
-def check_checkpoint(root: Path) -> None:
-    """The checkpoint ``root/latest`` points at is whole (read without unpickling anything).
-
-    Raises:
-        ValueError, FileNotFoundError: naming the damaged file and the way out.
-    """
-    pointer = root / "latest"
-    if not pointer.is_file():
-        return
-    path = root / pointer.read_text().strip()
-    fix = (f"restore it, or delete {root} (or set run.resume=false) to start this stage over; "
-           "run.resume=true never starts over silently")  # fmt: skip
-    if not (path / "train_state.json").is_file():
-        raise FileNotFoundError(f"{pointer} points to {str(path)!r}, which is missing or incomplete; {fix}")
-    try:
-        json.loads((path / "train_state.json").read_text())["step"]
-        for weights in sorted(path.glob("*.safetensors")):
-            check_safetensors(weights)
-        for archive in sorted(path.glob("*.pt")):
-            with zipfile.ZipFile(archive) as z:
-                if z.testzip() is not None:
-                    raise ValueError(f"{str(archive)!r} fails its checksum")
-    except (ValueError, KeyError, zipfile.BadZipFile) as err:
-        raise ValueError(f"the latest checkpoint {str(path)!r} is damaged: {err}; {fix}") from None
-
-
 def check_objective(config: Config) -> None:
     """Distillation takes the teacher's logits from the model itself (adapters off, layers in
     teacher mode), which is the teacher only if training leaves the teacher's own weights alone."""
@@ -283,7 +219,7 @@ def check_run_dir(config: Config) -> None:
             f"Resume with the run's settings, or delete {work} (or use a new run.dir) to start over with these"
         )
     for root in checkpoint_roots(work):
-        check_checkpoint(root)
+        check_latest(root)
 
 
 def check_eval(config: Config) -> None:
@@ -333,167 +269,3 @@ def check_batches(config: Config, data: PackedData, world: int) -> None:
         )
 
 
-def fsdp_on_cpu(accelerator: Accelerator) -> None:
-    """Honour an FSDP launch config when the processes run on CPU.
-
-    accelerate (1.15, ``AcceleratorState.__init__`` in accelerate/state.py) sets
-    ``distributed_type = FSDP`` only inside its branch for GPU-like types (MULTI_GPU, MULTI_XPU,
-    MULTI_NPU, ...), not MULTI_CPU: a CPU launch with ``distributed_type: FSDP`` silently trains
-    under DDP. torch's FSDP2 (``fully_shard``) runs on CPU with gloo, and accelerate's FSDP2
-    ``prepare`` works there once the state says FSDP, so that is set here, as a GPU launch would.
-    """
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if not wants_fsdp or accelerator.distributed_type != DistributedType.MULTI_CPU:
-        return
-    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment
-    if plugin.fsdp_version != 2:
-        raise ValueError(
-            "an FSDP launch on CPU processes needs fsdp_config.fsdp_version: 2 (FSDP2, as in "
-            "configs/accelerate/fsdp.yaml); FSDP1 is not supported here"
-        )
-    if accelerator.mixed_precision != "no":
-        plugin.set_mixed_precision(accelerator.mixed_precision)
-    # Both singletons: every AcceleratorState() copies PartialState's shared fields over its own.
-    PartialState().distributed_type = DistributedType.FSDP
-    accelerator.state.distributed_type = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = plugin
-    log.info("FSDP2 on %d CPU processes (accelerate alone would run them as DDP)", accelerator.num_processes)
-
-
-def prepare(config: Config, cfg: DictConfig) -> Prepared:
-    """Write the resolved config, tokenize the data, load the teacher (data first: it is cheaper
-    and a bad data set should fail before the slow model load)."""
-    run_dir = Path(config.run.dir)
-    if config.stage in TRAINING_STAGES:  # only training stages (and prepare, their dry run) record it
-        log.info("run dir %s (config: %s)", run_dir, write_resolved_config(cfg, run_dir))
-    else:
-        log.info("run dir %s", run_dir)
-    needs_data = config.stage in TRAINING_STAGES
-    try:
-        tokenizer = load_tokenizer(config.model, config.cache_dir)
-        data = prepare_data(config.data, tokenizer, config.data_dir, config.run.seed) if needs_data else None
-        # accelerate picks this process's device under a multi-process launch.
-        accelerator = Accelerator(cpu=resolve_device(config.run.device).type == "cpu")
-        fsdp_on_cpu(accelerator)
-        if data is not None:
-            check_batches(config, data, accelerator.num_processes)
-        device = accelerator.device
-        teacher = load_teacher(config.model, cache_dir=config.cache_dir, device=device, seed=config.run.seed)
-        if swaps_attention(config):
-            check_layers(config, teacher.config.num_hidden_layers)
-    except (ValueError, OSError) as err:
-        err.bad_input = True  # a bad data set, tokenizer or teacher: __main__ shows the message only
-        raise
-    log.info("teacher '%s' on %s: %s", config.model.name, device, describe(teacher))
-    return Prepared(config, run_dir, tokenizer, teacher, data, accelerator)
-
-
-STAGE_RUNNERS: dict[str, Callable[[Prepared], None]] = {
-    "prepare": lambda prepared: None,
-    "transfer": lambda prepared: _tracked(prepared, "transfer"),
-    "finetune": lambda prepared: _tracked(prepared, "finetune"),
-    "uptrain": lambda prepared: _tracked(prepared, "uptrain"),
-    "eval": lambda prepared: _tracked(prepared, "eval"),
-    "generate": lambda prepared: _tracked(prepared, "generate"),
-    "export": lambda prepared: _tracked(prepared, "export"),
-}
-
-
-def _tracked(prepared: Prepared, stage: str) -> None:
-    """Run a training stage with its metrics tracker open."""
-    from linearize.evaluate.run import run_eval
-    from linearize.generate import run_generate
-    from linearize.log import Tracker
-    from linearize.train.export import run_export
-    from linearize.train.finetune import run_finetune, run_uptrain
-    from linearize.train.transfer import run_transfer
-
-    runners = {"transfer": run_transfer, "finetune": run_finetune, "uptrain": run_uptrain,
-               "export": run_export, "eval": run_eval, "generate": run_generate}  # fmt: skip
-    run = runners[stage]
-    c = prepared.config
-    config = OmegaConf.to_container(OmegaConf.structured(c))
-    tracker = Tracker(c.logging.wandb, c.logging.project, str(prepared.run_dir), config)
-    try:
-        run(prepared, prepared.accelerator, tracker)
-    finally:
-        tracker.finish()
-
-
-def run_all(config: Config, cfg: DictConfig, overrides: list[str]) -> None:
-    """The stages of ``pipeline`` in order (transfer -> finetune -> export, or a recipe's), each
-    composed as if run alone with ``stage=<it>`` (so each gets its own stage defaults) and
-    ``run.resume=true``; every stage's values are checked before the first one starts.
-
-    A stage is skipped only when its output is whole and made with the fingerprint asked for
-    now (which holds the upstream outputs' fingerprints, so a change upstream reruns every stage
-    after it). Otherwise it runs: from its checkpoints when they were made with the same
-    settings, else from the start, its old work discarded (the log says which keys differ).
-    """
-    from hydra import compose
-
-    from linearize.config import validate
-
-    overrides = [o for o in overrides if not o.startswith(("stage=", "run.resume="))]
-    run_dir = Path(config.run.dir)
-    planned = []
-    for stage in config.pipeline:
-        sub = compose(config_name="config", overrides=[*overrides, f"stage={stage}", "run.resume=true", f"run.dir={run_dir}"])
-        try:
-            sub_config = validate(sub)
-            check_values(sub_config)
-        except (ValueError, OSError) as err:
-            err.bad_input = True  # as in prepare: __main__ shows the message only
-            raise
-        planned.append((stage, sub, sub_config))
-    lock_run_dir(run_dir)
-    for stage, sub, sub_config in planned:
-        try:
-            sub_config = adopt_source(sub_config, overrides)
-            expected = stage_fingerprint(sub_config, stage)
-        except (ValueError, OSError) as err:
-            err.bad_input = True
-            raise
-        done, why = stage_status(run_dir, stage, expected)
-        if done:
-            log.info("stage=all: %s already done with these settings (%s), skipping", stage, run_dir / stage)
-            continue
-        log.info("stage=all: running %s (%s)", stage, why)
-        work = work_dir(run_dir, stage)
-        if has_work(work):
-            try:
-                diff = resume_differences(work_fingerprint(work), expected)
-            except RunDirError as err:  # its fingerprint file is damaged
-                diff = [str(err)]
-            if diff:
-                log.warning("stage=all: discarding %s, made with other settings: %s", work, shown(diff))
-                shutil.rmtree(work)
-        try:
-            preflight(sub_config)
-        except (ValueError, OSError) as err:
-            err.bad_input = True
-            raise
-        prepared = prepare(sub_config, sub)
-        STAGE_RUNNERS[stage](prepared)
-
-
-def run_stage(config: Config, cfg: DictConfig, overrides: Optional[list[str]] = None) -> None:
-    """Run ``config.stage`` holding the run dir's lock (``generate`` only reads: no lock)."""
-    if config.stage == "all":
-        run_all(config, cfg, list(overrides or []))
-        return
-    if config.stage != "generate":
-        lock_run_dir(Path(config.run.dir))
-    if config.stage in ("transfer", "finetune", "uptrain", "export", "eval"):
-        try:
-            done, why = stage_status(Path(config.run.dir), config.stage, stage_fingerprint(config, config.stage))
-        except (FileNotFoundError, RunDirError):
-            done, why = False, "no whole output"
-        if not done and why != "no output yet":
-            log.info("stage %s: replacing the output in %s (%s)", config.stage, Path(config.run.dir) / config.stage, why)
-    prepared = prepare(config, cfg)
-    STAGE_RUNNERS[config.stage](prepared)
-    log.info("stage %s done; outputs in %s", config.stage, prepared.run_dir)

@@ -3,44 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from linearize.evaluate.harness import evaluate
-from linearize.evaluate.perplexity import perplexity, wikitext2_text
 from linearize.evaluate.report import compare, write_report
-from linearize.log import get_logger
+from linearize.evaluate.score import score
 from linearize.fingerprint import check_chain, converted_source, stage_fingerprint
+from linearize.log import get_logger
 from linearize.models.convert import apply_converted
 from linearize.rundir import publish, read_manifest, write_manifest
+from linearize.stages.prepare import Prepared
 
 log = get_logger(__name__)
 
 
-def score(model, tokenizer, cfg) -> dict[str, Any]:
-    """Task scores (lm-eval) and WikiText-2 perplexity of one model."""
-    e = cfg.eval
-    by_limit: dict[Any, list[str]] = {}  # one harness call per distinct limit
-    for task in e.tasks:
-        by_limit.setdefault(e.task_limits.get(task, e.limit), []).append(task)
-    scored: dict[str, Any] = {}
-    for limit, tasks in by_limit.items():
-        scored.update(evaluate(model, tokenizer, tasks, data_dir=cfg.data_dir, limit=limit,
-                               batch_size=e.batch_size, local=e.local))  # fmt: skip
-    results = {task: scored[task] for task in e.tasks}
-    if e.ppl_tokens != 0:
-        try:
-            text = wikitext2_text(cfg.data_dir)
-        except FileNotFoundError as err:
-            results["wikitext2"] = {"skipped": f"local data missing: {err}"}
-        else:
-            ppl = perplexity(model, tokenizer, text, seq_len=e.ppl_seq_len, stride=e.ppl_stride,
-                             max_tokens=e.ppl_tokens, buckets=e.ppl_buckets)  # fmt: skip
-            results["wikitext2"] = {"metric": "ppl", "value": ppl["ppl"], "n": ppl["tokens"],
-                                    "by_position": ppl["by_position"]}  # fmt: skip
-    return results
-
-
-def run_eval(prepared, accelerator=None, tracker=None) -> Path:
+def run(prepared: Prepared) -> Path:
     """Score the run's latest converted model (and the teacher); the report appears in
     ``<run.dir>/eval`` by one rename, its manifest last."""
     cfg = prepared.config

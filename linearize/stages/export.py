@@ -1,4 +1,4 @@
-"""Export: the final converted model of a run, as deltas over the teacher or merged in full.
+"""``stage=export``: the final converted model of a run, as deltas over the teacher or merged in full.
 
 ``<run.dir>/export`` receives the latest stage's converted model (``finetune`` if it ran, else
 ``uptrain``, else ``transfer``). With ``export.merge=true`` the adapter is merged into the
@@ -16,28 +16,16 @@ from pathlib import Path
 import peft
 
 from linearize.config import AdapterConfig, AttentionConfig, ModelConfig
-from linearize.log import get_logger
 from linearize.fingerprint import check_chain, converted_source, stage_fingerprint
-from linearize.models.convert import apply_converted, full_weight_files, save_converted
+from linearize.log import get_logger
+from linearize.models.convert import apply_converted, full_weight_files, save_converted, save_full
 from linearize.rundir import publish
+from linearize.stages.prepare import Prepared
 
 log = get_logger(__name__)
 
 
-def save_full(model, out_dir: Path, *, home: Path, teacher: ModelConfig, attention: AttentionConfig, tokenizer,
-              seed: int, extra: dict, fingerprint: dict) -> None:  # fmt: skip
-    """Write ``model`` (a swapped teacher, no adapter) whole into ``out_dir``: ``model.safetensors``
-    holds every weight but the new attention parameters, and the manifest names ``home`` (where
-    ``out_dir`` is published) as the teacher, so the directory loads without the original
-    teacher; ``teacher_origin`` records that one."""
-    weights = {n: p for n, p in model.state_dict().items() if ".mixer." not in n}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, state_dict=weights)
-    save_converted(model, out_dir, teacher=teacher, attention=attention, softmax_layers=attention.softmax_layers,
-                   tokenizer=tokenizer, seed=seed, extra=extra, fingerprint=fingerprint, home=home)  # fmt: skip
-
-
-def run_export(prepared, accelerator=None, tracker=None) -> Path:
+def run(prepared: Prepared) -> Path:
     """Write the run's latest converted model to ``<run.dir>/export`` (one rename, manifest last).
     ``prepared.config`` holds the teacher and seed the source recorded (see ``adopt_source``)."""
     cfg = prepared.config
