@@ -63,3 +63,14 @@ def tokenizer(tiny_config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def seed_and_one_thread():
+    """For the ops tests: seed 0, and one torch thread while the test runs."""
+    # Ops here are tiny: waking a second thread per op costs more than the math on a busy CPU.
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from linearize import ops
-from linearize.ops import reference as ref
+from linearize.ops.gated import reference as gated_ref
+from linearize.ops.linear import reference as linear_ref
+from linearize.ops.window import reference as window_ref
 
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed", allow_module_level=True)
@@ -158,7 +160,7 @@ def features(*shape):
 def linear_inputs(b, h, h_kv, t, f, d, state=False):
     x = dict(q=features(b, h, t, f), k=features(b, h_kv, t, f), v=torch.randn(b, h_kv, t, d))
     if state:
-        x["initial_state"] = ref.LinearState(torch.rand(b, h, f, d), torch.rand(b, h, f) + 0.5)
+        x["initial_state"] = linear_ref.LinearState(torch.rand(b, h, f, d), torch.rand(b, h, f) + 0.5)
     return x
 
 
@@ -168,7 +170,7 @@ def window_inputs(b, h, h_kv, t, dk, f, d, cached=None):
         fq=features(b, h, t, f), fk=features(b, h_kv, t, f), window_factor=torch.rand(h) * 0.8 + 0.1,
     )  # fmt: skip
     if cached is not None:
-        x["initial_state"] = ref.WindowState(
+        x["initial_state"] = window_ref.WindowState(
             torch.rand(b, h, f, d), torch.rand(b, h, f) + 0.5, torch.randn(b, h, cached, dk),
             torch.randn(b, h, cached, d), features(b, h, cached, f),
         )  # fmt: skip
@@ -182,7 +184,7 @@ def gated_inputs(b, h, h_kv, t, f, d, per_head=False, strength=1.0, state=False)
         g=F.logsigmoid(torch.randn(shape) * 2 * strength) * strength,
     )  # fmt: skip
     if state:
-        x["initial_state"] = ref.GatedState(torch.randn(b, h, f, d))
+        x["initial_state"] = gated_ref.GatedState(torch.randn(b, h, f, d))
     return x
 
 
@@ -205,7 +207,7 @@ def test_linear_matches_reference(case, kernels):
     state = extra.pop("state", False)
     inputs = linear_inputs(b, h, h_kv, t, f, d, state=state)
     kwargs = dict(chunk_size=chunk, output_final_state=state, **extra)
-    check(case, kernels.linear_attn_chunked, ref.linear_attn_chunked, inputs, kwargs)
+    check(case, kernels.linear_attn_chunked, linear_ref.linear_attn_chunked, inputs, kwargs)
 
 
 WINDOW = {  # b, h, h_kv, t, dk, f, d, window, chunk, cached
@@ -225,7 +227,7 @@ def test_window_matches_reference(case, kernels):
     torch.manual_seed(0)
     inputs = window_inputs(b, h, h_kv, t, dk, f, d, cached)
     kwargs = dict(window=window, scale=dk**-0.5, chunk_size=chunk, output_final_state=cached is not None)
-    check(case, kernels.window_attn_chunked, ref.window_attn_chunked, inputs, kwargs)
+    check(case, kernels.window_attn_chunked, window_ref.window_attn_chunked, inputs, kwargs)
 
 
 GATED = {  # b, h, h_kv, t, f, d, extra
@@ -245,7 +247,7 @@ def test_gated_matches_reference(case, kernels):
     torch.manual_seed(0)
     inputs = gated_inputs(b, h, h_kv, t, f, d, **extra)
     kwargs = dict(scale=0.7, chunk_size=16, output_final_state=extra.get("state", False))
-    check(case, kernels.gated_attn_chunked, ref.gated_attn_chunked, inputs, kwargs)
+    check(case, kernels.gated_attn_chunked, gated_ref.gated_attn_chunked, inputs, kwargs)
 
 
 def test_strong_decay_stays_finite(kernels):
@@ -253,7 +255,7 @@ def test_strong_decay_stays_finite(kernels):
     torch.manual_seed(0)
     inputs = gated_inputs(1, 2, 2, 20, 16, 16, strength=15.0)
     assert inputs["g"].min() < -20
-    check("strong", kernels.gated_attn_chunked, ref.gated_attn_chunked, inputs, dict(scale=1.0))
+    check("strong", kernels.gated_attn_chunked, gated_ref.gated_attn_chunked, inputs, dict(scale=1.0))
 
 
 # Continuation: two calls with the state handed over equal one call; steps equal the reference's.
@@ -301,20 +303,20 @@ def test_steps_match_reference_steps(per_head, kernels):
         if not per_head:
             lin = {k: v.to(DEV) for k, v in linear_inputs(2, 4, 2, t, 16, 24).items()}
             got, s_got = _step_loop(kernels.linear_attn_step, lin, None)
-            want, s_want = _step_loop(ref.linear_attn_step, lin, None)
+            want, s_want = _step_loop(linear_ref.linear_attn_step, lin, None)
             for name, g, w in zip(("y", "S", "z"), (got, *s_got), (want, *s_want)):
                 assert_close(f"linear step {name}", g, w, **FP32)
             win = {k: v.to(DEV) for k, v in window_inputs(2, 4, 2, t, 16, 16, 24).items()}
             kw = dict(window=5, window_factor=win.pop("window_factor"), scale=0.25)
             got, s_got = _step_loop(kernels.window_attn_step, win, None, **kw)
-            want, s_want = _step_loop(ref.window_attn_step, win, None, **kw)
-            for name, g, w in zip(("y", *ref.WindowState._fields), (got, *s_got), (want, *s_want)):
+            want, s_want = _step_loop(window_ref.window_attn_step, win, None, **kw)
+            for name, g, w in zip(("y", *window_ref.WindowState._fields), (got, *s_got), (want, *s_want)):
                 assert (g is None) == (w is None), name  # no sinks: none in either state
                 if g is not None:
                     assert_close(f"window step {name}", g, w, **FP32)
         gla = {k: v.to(DEV) for k, v in gated_inputs(2, 4, 2, t, 16, 24, per_head=per_head).items()}
         got, s_got = _step_loop(kernels.gated_attn_step, gla, None, scale=0.5)
-        want, s_want = _step_loop(ref.gated_attn_step, gla, None, scale=0.5)
+        want, s_want = _step_loop(gated_ref.gated_attn_step, gla, None, scale=0.5)
         assert_close("gated step y", got, want, **FP32)
         assert_close("gated step S", s_got.S, s_want.S, **FP32)
 
@@ -327,7 +329,7 @@ def test_chunked_then_steps(kernels):
     with torch.no_grad():
         y1, state = kernels.window_attn_chunked(*(x[:, :, :22] for x in win.values()), output_final_state=True, **kw)
         y2, _ = _step_loop(kernels.window_attn_step, {n: x[:, :, 22:] for n, x in win.items()}, state, **kw)
-        want = ref.window_attn_quadratic(*win.values(), **kw)
+        want = window_ref.window_attn_quadratic(*win.values(), **kw)
     assert_close("prefill + steps", torch.cat([y1, y2], 2), want, **FP32)
 
 
@@ -344,7 +346,7 @@ def test_half_precision_matches_reference(family, dtype, kernels):
         "gated": (gated_inputs(1, 4, 2, 40, 32, 64), {}),
     }[family]
     name = f"{family}_attn_chunked"
-    check(f"{family} {dtype}", getattr(kernels, name), getattr(ref, name), inputs, kwargs, dtype=dtype)
+    check(f"{family} {dtype}", getattr(kernels, name), getattr({"linear": linear_ref, "window": window_ref, "gated": gated_ref}[family], name), inputs, kwargs, dtype=dtype)
 
 
 # Dispatch.
@@ -421,14 +423,15 @@ from triton.runtime.jit import JITFunction
 launches = []
 JITFunction.run = lambda self, *args, grid, warmup, **kw: launches.append((self, args, kw))
 import linearize.ops.triton as K
-from linearize.ops import reference as ref
+from linearize.ops.gated import reference as gated_ref
+from linearize.ops.linear import reference as linear_ref
 B, H, HK, T, F, DK, D, dt = 1, 4, 2, 40, 32, 64, 128, torch.bfloat16
 r = lambda *s: torch.rand(*s, dtype=dt, requires_grad=True)
 q, k, v, qq, kk = r(B, H, T, F), r(B, HK, T, F), r(B, HK, T, D), r(B, H, T, DK), r(B, HK, T, DK)
 calls = [
-    lambda: K.linear_attn_chunked(q, k, v, initial_state=ref.LinearState(torch.rand(B, H, F, D), torch.rand(B, H, F))),
+    lambda: K.linear_attn_chunked(q, k, v, initial_state=linear_ref.LinearState(torch.rand(B, H, F, D), torch.rand(B, H, F))),
     lambda: K.gated_attn_chunked(q, k, v, -torch.rand(B, HK, T, F),
-                                 initial_state=ref.GatedState(torch.rand(B, H, F, D))),
+                                 initial_state=gated_ref.GatedState(torch.rand(B, H, F, D))),
     lambda: K.gated_attn_chunked(q, k, v, -torch.rand(B, HK, T)),
     lambda: K.window_attn_chunked(qq, kk, v, q, k, window=8, window_factor=torch.rand(H), scale=0.1),
 ]
@@ -481,9 +484,9 @@ def test_kernels_compile_for_a_gpu():
 def test_gpu_long_sequences(dtype, kernels):
     torch.manual_seed(0)
     t = 1000
-    check("gpu linear", kernels.linear_attn_chunked, ref.linear_attn_chunked,
+    check("gpu linear", kernels.linear_attn_chunked, linear_ref.linear_attn_chunked,
           linear_inputs(2, 8, 2, t, 64, 128), {}, dtype=dtype)  # fmt: skip
-    check("gpu window", kernels.window_attn_chunked, ref.window_attn_chunked,
+    check("gpu window", kernels.window_attn_chunked, window_ref.window_attn_chunked,
           window_inputs(2, 8, 2, t, 128, 64, 128), dict(window=64, scale=128**-0.5), dtype=dtype)  # fmt: skip
-    check("gpu gated", kernels.gated_attn_chunked, ref.gated_attn_chunked,
+    check("gpu gated", kernels.gated_attn_chunked, gated_ref.gated_attn_chunked,
           gated_inputs(2, 8, 2, 300, 64, 128), {}, dtype=dtype)  # fmt: skip

@@ -1,6 +1,6 @@
 """Triton kernels (forward and backward) for the linear attentions; see docs/kernels.md.
 
-Same signatures and semantics as their namesakes in `linearize.ops.reference`, which the tests
+Same signatures and semantics as their namesakes in `linearize.ops.<kind>.reference`, which the tests
 hold them to. Only `linearize.ops` should import this package (it picks the backend).
 
 Triton decides between compiling and interpreting when a jit function is defined: its own

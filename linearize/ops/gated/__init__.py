@@ -1,0 +1,1 @@
+"""Gated linear attention: `reference` holds its PyTorch forms (the oracle)."""

@@ -1,0 +1,1 @@
+"""Causal linear attention: `reference` holds its PyTorch forms (the oracle)."""

@@ -1,0 +1,1 @@
+"""The LoLCATs window hybrid: `reference` holds its PyTorch forms (the oracle)."""
