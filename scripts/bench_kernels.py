@@ -8,7 +8,7 @@ Rows, all on the same random inputs of shape (--batch, --heads, T, --head-dim), 
 width --feature-dim (non-negative), GQA with --kv-heads:
 
     sdpa-softmax          torch SDPA, causal: the teacher's attention, the cost to beat
-    {linear,window,gated}-triton     our kernels (linearize.ops.triton)
+    {linear,window,gated}-triton     our kernels (linearize.ops.<kind>.triton)
     {linear,window,gated}-reference  the PyTorch reference's chunked forms (linearize.ops.<kind>.reference)
     fla-linear, fla-gla   flash-linear-attention's chunk_linear_attn / chunk_gla, when `fla`
                           imports (a note says so otherwise); layout (B, T, H, D), no GQA
@@ -22,6 +22,7 @@ the script, not a measurement). A call that runs out of memory is reported as OO
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import os
@@ -204,9 +205,8 @@ def main() -> None:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     kernels = None
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        import linearize.ops.triton as all_kernels  # noqa: PLC0415 - Triton only when it can run
-
-        kernels = dict.fromkeys(REFERENCE, all_kernels)
+        # Triton only when it can run
+        kernels = {kind: importlib.import_module(f"linearize.ops.{kind}.triton") for kind in REFERENCE}
     fns, notes = methods(args, kernels)
     if args.methods:
         fns = {k: v for k, v in fns.items() if k in args.methods}

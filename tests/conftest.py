@@ -15,6 +15,7 @@ from linearize.config import Config, register_configs, validate
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+KERNEL_TESTS_ONLY = "LINEARIZE_KERNEL_TESTS_ONLY"  # set: collect only the tests that run Triton kernels
 
 
 def data_root() -> Path:
@@ -74,3 +75,12 @@ def seed_and_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """With $LINEARIZE_KERNEL_TESTS_ONLY set (test_ops_dispatch.py's fresh process), only the tests
+    that use a `kernels` fixture run."""
+    if os.environ.get(KERNEL_TESTS_ONLY):
+        deselected = [item for item in items if "kernels" not in getattr(item, "fixturenames", ())]
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item not in deselected]

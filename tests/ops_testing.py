@@ -1,11 +1,33 @@
-"""Helpers the tests of `linearize.ops` share: inputs, error measures, step loops."""
+"""Helpers the tests of `linearize.ops` share: inputs, error measures, step loops, and the Triton
+kernels' import, fixture and checks.
+
+The reference forms are checked against each other on fp64 inputs (`assert_close`, to rounding).
+The kernels are checked against the reference (`check`): the kernel runs on fp32 (or bf16) inputs
+and the reference on the same values in fp64, so a difference is the kernel's own error.
+
+Without CUDA the kernels run on the CPU in Triton's interpreter, which needs TRITON_INTERPRET=1
+when Triton itself is first imported (its library's jit functions are built then). `import_kernels`
+sets it for that import only; if something imported Triton earlier in the session (peft does),
+the kernel tests run instead in a fresh process (test_ops_dispatch.py::test_in_a_fresh_process).
+With CUDA they run compiled. Under the `kernels` fixture uninitialised buffers are filled with
+NaN (as flash-linear-attention's tests do), so a kernel that leaves an output element unwritten
+fails.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import itertools
+from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
+
+from linearize.ops.gated.reference import GatedState
+from linearize.ops.linear.reference import LinearState
+from linearize.ops.window.reference import WindowState
 
 B, D = 2, 16
 HEADS = {"mha": (4, 4), "gqa": (4, 2)}
@@ -160,3 +182,159 @@ def sdpa(q, k, v, scale, mask=None):
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+FP32 = dict(atol=1e-4, rtol=1e-4)  # every element, outputs and gradients
+# 16-bit inputs: the kernels feed 16-bit operands (inputs, probabilities, scores, states) to the
+# dots with fp32 accumulation, as flash attention does, and return 16-bit outputs and gradients.
+# The forward is held elementwise; gradients, sums of terms that largely cancel (the normalizer's),
+# by the rmse ratio and the largest error relative to the largest value (measured: bf16 <= 1.3e-2
+# and 2.8e-2, fp16 <= 9e-4 and 9e-4).
+HALF = {
+    torch.bfloat16: (dict(atol=2e-2, rtol=2e-2), dict(ratio=2e-2, peak=5e-2)),
+    torch.float16: (dict(atol=2e-3, rtol=2e-3), dict(ratio=2e-3, peak=5e-3)),
+}
+
+
+def import_kernels(kind: str):
+    """The kind's kernel module (`linearize.ops.<kind>.triton`), interpreted when there is no GPU,
+    and why it cannot run here (or None); (None, why) without Triton."""
+    if not HAS_TRITON:
+        return None, "Triton is not installed"
+    name = f"linearize.ops.{kind}.triton"
+    if CUDA:
+        return importlib.import_module(name), None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")  # read when Triton and our kernels are first imported
+        kernels = importlib.import_module(name)
+    from linearize.ops.triton_common import interpreter_problem
+
+    return kernels, interpreter_problem()
+
+
+def kernels_fixture(kind: str):
+    """A module-scoped fixture ``kernels``: the kind's kernel module; TRITON_INTERPRET=1 while
+    they run on CPU (the dispatch checks it); NaN-filled empty buffers."""
+    module, problem = import_kernels(kind)
+
+    @pytest.fixture(scope="module", name="kernels")
+    def kernels():
+        if module is None:
+            pytest.skip(problem)
+        if problem is not None:
+            pytest.skip(f"runs in a fresh process (test_ops_dispatch.py::test_in_a_fresh_process): {problem}")
+        with pytest.MonkeyPatch.context() as mp:
+            if not CUDA:
+                mp.setenv("TRITON_INTERPRET", "1")
+            empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+            mp.setattr(torch, "empty", lambda *a, **kw: _poison(empty(*a, **kw)))
+            mp.setattr(torch, "empty_like", lambda *a, **kw: _poison(empty_like(*a, **kw)))
+            mp.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: _poison(new_empty(self, *a, **kw)))
+            yield module
+
+    return kernels
+
+
+def _poison(x: torch.Tensor) -> torch.Tensor:
+    return x.fill_(float("nan") if x.is_floating_point() else -(2**30))
+
+
+def assert_kernel_close(name, got, want, *, atol=None, rtol=0.0, ratio=None, peak=None):
+    """Pass when every given measure holds: |got - want| <= atol + rtol |want| elementwise;
+    rmse(got - want) / rmse(want) <= ratio; max |got - want| <= peak max |want|."""
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    if want.numel() == 0:
+        return
+    got, want = got.double(), want.double()
+    diff = (got - want).abs().nan_to_num(float("inf"))
+    rmse = want.pow(2).mean().sqrt().item()
+    err_ratio = diff.pow(2).mean().sqrt().item() / rmse if rmse > 0 else float("inf")
+    excess = (diff - rtol * want.abs()).max().item()
+    err_peak = diff.max().item() / max(want.abs().max().item(), 1e-30)
+    msg = (f"{name}: max |diff| {diff.max().item():.2e} (over rtol {excess:.2e}), rmse ratio {err_ratio:.2e}, "
+           f"peak ratio {err_peak:.2e}; allowed atol {atol}, rtol {rtol}, ratio {ratio}, peak {peak}")  # fmt: skip
+    assert atol is None or excess <= atol, msg
+    assert ratio is None or err_ratio <= ratio, msg
+    assert peak is None or err_peak <= peak, msg
+
+
+def _leaves(inputs: dict, dtype: torch.dtype) -> dict:
+    """Fresh leaves (states: each field) in dtype; window_factor and gates stay fp32 for bf16."""
+
+    def leaf(name, x):
+        keep = x.dtype if name in ("window_factor", "g") and dtype != torch.float64 else dtype
+        return x.detach().to(DEV, keep).requires_grad_()
+
+    out = {}
+    for name, x in inputs.items():
+        # a state's unused fields (a window state's sinks, with none) stay None
+        out[name] = type(x)(*(f if f is None else leaf(name, f) for f in x)) if isinstance(x, tuple) else leaf(name, x)
+    return out
+
+
+def _tensors(inputs: dict) -> list[torch.Tensor]:
+    return [t for x in inputs.values() for t in (x if isinstance(x, tuple) else (x,)) if t is not None]
+
+
+def _run(fn, inputs: dict, kwargs: dict, weights: dict | None):
+    """fn's output (and final state), and the grads of a random-weighted sum of them w.r.t. every input."""
+    out = fn(**inputs, **kwargs)
+    outs = list(out[:1]) + [s for s in out[1] if s is not None] if isinstance(out, tuple) else [out]
+    if weights is None:
+        gen = torch.Generator().manual_seed(1)
+        weights = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs]
+    loss = sum((o.double() * w.to(DEV)).sum() for o, w in zip(outs, weights))
+    grads = torch.autograd.grad(loss, _tensors(inputs), materialize_grads=True)
+    return outs, grads, weights
+
+
+def check(name, fn_triton, fn_ref, inputs, kwargs, *, dtype=torch.float32):
+    """fn_triton on dtype inputs against fn_ref on the same values in fp64: outputs and every gradient."""
+    tol_y, tol_grad = HALF.get(dtype, (FP32, FP32))
+    lo = _leaves(inputs, dtype)
+    hi = _leaves(lo, torch.float64)  # the very values the kernel sees, in fp64
+    got, got_grads, weights = _run(fn_triton, lo, kwargs, None)
+    want, want_grads, _ = _run(fn_ref, hi, kwargs, weights)
+    labels = [f"{name} y"] + [f"{name} final_state.{f}" for f in range(len(got) - 1)]
+    for label, g, w in zip(labels, got, want):
+        assert g.dtype == (lo["v"].dtype if label.endswith(" y") else torch.float32), f"{label}: dtype {g.dtype}"
+        assert_kernel_close(label, g, w, **tol_y)
+    names = [f"{n}.{field}" for n, x in inputs.items()
+             for field in ([f for f, v in zip(x._fields, x) if v is not None] if isinstance(x, tuple) else ("",))]  # fmt: skip
+    for n, g, w in zip(names, got_grads, want_grads):
+        assert_kernel_close(f"{name} d{n.rstrip('.')}", g, w, **tol_grad)
+
+
+def linear_inputs(b, h, h_kv, t, f, d, state=False):
+    x = dict(q=features(b, h, t, f), k=features(b, h_kv, t, f), v=torch.randn(b, h_kv, t, d))
+    if state:
+        x["initial_state"] = LinearState(torch.rand(b, h, f, d), torch.rand(b, h, f) + 0.5)
+    return x
+
+
+def window_inputs(b, h, h_kv, t, dk, f, d, cached=None):
+    x = dict(
+        q=torch.randn(b, h, t, dk), k=torch.randn(b, h_kv, t, dk), v=torch.randn(b, h_kv, t, d),
+        fq=features(b, h, t, f), fk=features(b, h_kv, t, f), window_factor=torch.rand(h) * 0.8 + 0.1,
+    )  # fmt: skip
+    if cached is not None:
+        x["initial_state"] = WindowState(
+            torch.rand(b, h, f, d), torch.rand(b, h, f) + 0.5, torch.randn(b, h, cached, dk),
+            torch.randn(b, h, cached, d), features(b, h, cached, f),
+        )  # fmt: skip
+    return x
+
+
+def gated_inputs(b, h, h_kv, t, f, d, per_head=False, strength=1.0, state=False):
+    shape = (b, h_kv, t) if per_head else (b, h_kv, t, f)
+    x = dict(
+        q=features(b, h, t, f), k=features(b, h_kv, t, f), v=torch.randn(b, h_kv, t, d),
+        g=F.logsigmoid(torch.randn(shape) * 2 * strength) * strength,
+    )  # fmt: skip
+    if state:
+        x["initial_state"] = GatedState(torch.randn(b, h, f, d))
+    return x

@@ -4,6 +4,10 @@ zero gates and with a recurrence written out, also under decays far outside exp'
 
 Reference inputs are fp64 unless a test says otherwise, so the forms must agree to rounding (1e-9);
 one test holds the fp32 path, which the kernel is compared against, to fp32 tolerance.
+
+The Triton kernel (`triton.py`) equals the reference, forward and every gradient, states and
+steps: it runs on fp32 (or bf16/fp16) inputs and the reference on the same values in fp64, so a
+difference is the kernel's own error (on CPU in Triton's interpreter; see tests/ops_testing.py).
 """
 
 from __future__ import annotations
@@ -16,15 +20,23 @@ from linearize.ops.linear.reference import linear_attn_quadratic
 from tests.ops_testing import (
     CHUNK_CASES,
     CHUNK_IDS,
+    CUDA,
+    DEV,
+    FP32,
     HEADS,
     STEP_CASES,
     STEP_IDS,
     B,
     D,
     assert_close,
+    assert_kernel_close,
     assert_same_with_grads,
+    check,
     check_fp32_forms,
+    gated_inputs,
     gated_leaves,
+    kernels_fixture,
+    linear_inputs,
     split_impls,
     step_loop,
 )
@@ -137,3 +149,84 @@ def test_gated_chunked_far_decaying_blocks_are_redone_exactly():
     for (name, gw), gg in zip(x.items(), torch.autograd.grad(got, list(x.values()), cot)):
         (ww,) = torch.autograd.grad(want, gw, cot, retain_graph=True)
         assert_close(f"grad {name}", gg, ww)
+
+
+# The Triton kernel equals the reference: forward, every gradient, states, steps (fp32 unless said).
+
+kernels = kernels_fixture("gated")
+
+GATED = {  # b, h, h_kv, t, f, d, extra
+    "T1": (1, 2, 2, 1, 16, 16, {}),
+    "T63-gqa-F24-D40": (1, 4, 2, 63, 24, 40, {}),
+    "T63-gqa-per-head": (1, 4, 2, 63, 24, 40, dict(per_head=True)),
+    "T40-strong-decay": (1, 2, 2, 40, 16, 16, dict(strength=4.0)),
+    "T33-hd128": (1, 2, 2, 33, 128, 128, {}),
+    "T30-state-gqa-per-head": (1, 4, 2, 30, 16, 32, dict(per_head=True, state=True)),
+    "T30-state-per-feature": (1, 2, 2, 30, 16, 32, dict(state=True)),
+}
+
+
+@pytest.mark.parametrize("case", GATED)
+def test_gated_matches_reference(case, kernels):
+    b, h, h_kv, t, f, d, extra = GATED[case]
+    torch.manual_seed(0)
+    inputs = gated_inputs(b, h, h_kv, t, f, d, **extra)
+    kwargs = dict(scale=0.7, chunk_size=16, output_final_state=extra.get("state", False))
+    check(case, kernels.gated_attn_chunked, ref.gated_attn_chunked, inputs, kwargs)
+
+
+def test_strong_decay_stays_finite(kernels):
+    """Gates near -30 per step: every exponent in the kernels is a decay over a span (<= 0)."""
+    torch.manual_seed(0)
+    inputs = gated_inputs(1, 2, 2, 20, 16, 16, strength=15.0)
+    assert inputs["g"].min() < -20
+    check("strong", kernels.gated_attn_chunked, ref.gated_attn_chunked, inputs, dict(scale=1.0))
+
+
+def test_continuation_equals_one_pass(kernels):
+    """Two calls with the state handed over equal one call."""
+    torch.manual_seed(0)
+    t1 = 21
+    gla = {k: v.to(DEV) for k, v in gated_inputs(1, 4, 2, 50, 16, 24).items()}
+    whole = kernels.gated_attn_chunked(**gla)
+    y1, state = kernels.gated_attn_chunked(*(x[:, :, :t1] for x in gla.values()), output_final_state=True)
+    y2 = kernels.gated_attn_chunked(*(x[:, :, t1:] for x in gla.values()), initial_state=state)
+    assert_kernel_close("gated split", torch.cat([y1, y2], 2), whole, **FP32)
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["per-feature", "per-head"])
+def test_steps_match_reference_steps(per_head, kernels):
+    """Decoding token by token equals the reference's step loop, states included; GQA heads."""
+    torch.manual_seed(0)
+    t = 12
+    with torch.no_grad():
+        gla = {k: v.to(DEV) for k, v in gated_inputs(2, 4, 2, t, 16, 24, per_head=per_head).items()}
+        got, s_got = step_loop(kernels.gated_attn_step, gla, scale=0.5)
+        want, s_want = step_loop(ref.gated_attn_step, gla, scale=0.5)
+        assert_kernel_close("gated step y", got, want, **FP32)
+        assert_kernel_close("gated step S", s_got.S, s_want.S, **FP32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_matches_reference(dtype, kernels):
+    torch.manual_seed(0)
+    inputs = gated_inputs(1, 4, 2, 40, 32, 64)
+    check(f"gated {dtype}", kernels.gated_attn_chunked, ref.gated_attn_chunked, inputs, {}, dtype=dtype)
+
+
+def test_bad_calls_raise_clear_errors(kernels):
+    q, k, v = linear_inputs(1, 2, 2, 1, 16, 16).values()
+    q, k, v = q.to(DEV).requires_grad_(), k.to(DEV), v.to(DEV)
+    with pytest.raises(ValueError, match="chunk_size"):  # the reference's own checks
+        kernels.gated_attn_chunked(q, k, v, k[..., 0], chunk_size=0)
+    with pytest.raises(ValueError, match="g has shape"):
+        kernels.gated_attn_chunked(q, k, v, k[..., :3])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_long_sequences(dtype, kernels):
+    torch.manual_seed(0)
+    check("gpu gated", kernels.gated_attn_chunked, ref.gated_attn_chunked,
+          gated_inputs(2, 8, 2, 300, 64, 128), {}, dtype=dtype)  # fmt: skip

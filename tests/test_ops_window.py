@@ -4,6 +4,10 @@ with softmax attention (torch's SDPA) where they reduce to it.
 
 Reference inputs are fp64 unless a test says otherwise, so the forms must agree to rounding (1e-9);
 one test holds the fp32 path, which the kernel is compared against, to fp32 tolerance.
+
+The Triton kernel (`triton.py`) equals the reference, forward and every gradient, states and
+steps: it runs on fp32 (or bf16/fp16) inputs and the reference on the same values in fp64, so a
+difference is the kernel's own error (on CPU in Triton's interpreter; see tests/ops_testing.py).
 """
 
 from __future__ import annotations
@@ -19,19 +23,26 @@ from linearize.ops.window import reference as ref
 from tests.ops_testing import (
     CHUNK_CASES,
     CHUNK_IDS,
+    CUDA,
+    DEV,
+    FP32,
     HEADS,
     STEP_CASES,
     STEP_IDS,
     B,
     D,
     assert_close,
+    assert_kernel_close,
     assert_same_with_grads,
+    check,
     check_fp32_forms,
+    kernels_fixture,
     leaf,
     run_with_grads,
     sdpa,
     split_impls,
     step_loop,
+    window_inputs,
     window_leaves,
 )
 
@@ -165,3 +176,85 @@ def test_window_large_logits_stay_finite():
         y, grads, _ = run_with_grads(fn, x)
         assert torch.isfinite(y).all(), name
         assert all(torch.isfinite(g).all() for g in grads.values()), name
+
+
+# The Triton kernel equals the reference: forward, every gradient, states, steps (fp32 unless said).
+
+kernels = kernels_fixture("window")
+
+WINDOW = {  # b, h, h_kv, t, dk, f, d, window, chunk, cached
+    "T1": (1, 2, 2, 1, 16, 16, 16, 4, 16, None),
+    "T63-gqa-W20-F32-D40": (1, 4, 2, 63, 24, 32, 40, 20, 16, None),
+    "T10-below-window64-hd64": (1, 2, 1, 10, 64, 32, 64, 64, 16, None),
+    "T40-window1": (1, 2, 2, 40, 16, 16, 16, 1, 32, None),
+    "T50-hd128-F64-W16": (1, 2, 2, 50, 128, 64, 128, 16, 64, None),
+    "T45-cache7-gqa": (1, 4, 2, 45, 24, 16, 40, 12, 16, 7),
+    "T20-cache-full-W64": (1, 2, 2, 20, 16, 16, 16, 64, 32, 63),
+}
+
+
+@pytest.mark.parametrize("case", WINDOW)
+def test_window_matches_reference(case, kernels):
+    b, h, h_kv, t, dk, f, d, window, chunk, cached = WINDOW[case]
+    torch.manual_seed(0)
+    inputs = window_inputs(b, h, h_kv, t, dk, f, d, cached)
+    kwargs = dict(window=window, scale=dk**-0.5, chunk_size=chunk, output_final_state=cached is not None)
+    check(case, kernels.window_attn_chunked, ref.window_attn_chunked, inputs, kwargs)
+
+
+def test_continuation_equals_one_pass(kernels):
+    """Two calls with the state handed over equal one call."""
+    torch.manual_seed(0)
+    t1 = 21
+    win = {k: v.to(DEV) for k, v in window_inputs(1, 4, 2, 50, 16, 16, 24).items()}
+    wf = win.pop("window_factor")
+    kw = dict(window=9, window_factor=wf, scale=0.25)
+    whole = kernels.window_attn_chunked(*win.values(), **kw)
+    y1, state = kernels.window_attn_chunked(*(x[:, :, :t1] for x in win.values()), output_final_state=True, **kw)
+    y2 = kernels.window_attn_chunked(*(x[:, :, t1:] for x in win.values()), initial_state=state, **kw)
+    assert_kernel_close("window split", torch.cat([y1, y2], 2), whole, **FP32)
+
+
+def test_steps_match_reference_steps(kernels):
+    """Decoding token by token (through a filling and then sliding window cache) equals the
+    reference's step loop, states included; GQA heads."""
+    torch.manual_seed(0)
+    t = 12
+    with torch.no_grad():
+        win = {k: v.to(DEV) for k, v in window_inputs(2, 4, 2, t, 16, 16, 24).items()}
+        kw = dict(window=5, window_factor=win.pop("window_factor"), scale=0.25)
+        got, s_got = step_loop(kernels.window_attn_step, win, **kw)
+        want, s_want = step_loop(ref.window_attn_step, win, **kw)
+        for name, g, w in zip(("y", *ref.WindowState._fields), (got, *s_got), (want, *s_want)):
+            assert (g is None) == (w is None), name  # no sinks: none in either state
+            if g is not None:
+                assert_kernel_close(f"window step {name}", g, w, **FP32)
+
+
+def test_chunked_then_steps(kernels):
+    """A prefill's final state continued by decoding steps equals the reference over the whole."""
+    torch.manual_seed(0)
+    win = {k: v.to(DEV) for k, v in window_inputs(1, 4, 2, 30, 16, 16, 24).items()}
+    kw = dict(window=8, window_factor=win.pop("window_factor"), scale=0.25)
+    with torch.no_grad():
+        y1, state = kernels.window_attn_chunked(*(x[:, :, :22] for x in win.values()), output_final_state=True, **kw)
+        y2, _ = step_loop(kernels.window_attn_step, {n: x[:, :, 22:] for n, x in win.items()}, state=state, **kw)
+        want = ref.window_attn_quadratic(*win.values(), **kw)
+    assert_kernel_close("prefill + steps", torch.cat([y1, y2], 2), want, **FP32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_matches_reference(dtype, kernels):
+    torch.manual_seed(0)
+    inputs, kwargs = window_inputs(1, 4, 2, 70, 64, 32, 64), dict(window=24, scale=0.125)
+    check(f"window {dtype}", kernels.window_attn_chunked, ref.window_attn_chunked, inputs, kwargs, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_long_sequences(dtype, kernels):
+    torch.manual_seed(0)
+    t = 1000
+    check("gpu window", kernels.window_attn_chunked, ref.window_attn_chunked,
+          window_inputs(2, 8, 2, t, 128, 64, 128), dict(window=64, scale=128**-0.5), dtype=dtype)  # fmt: skip

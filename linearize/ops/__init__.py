@@ -1,9 +1,10 @@
 """The attention math. Only this module chooses an implementation.
 
 Layout everywhere: (B, H, T, D), k/v/gates may carry fewer (KV) heads (see ``common``). Each
-attention kind has its package, ``ops/<kind>/``: its PyTorch reference forms (``reference.py``).
+attention kind has its package, ``ops/<kind>/``: its PyTorch reference forms (``reference.py``)
+and its Triton kernels (``triton.py``; softmax has none, SDPA runs it).
 The ``*_weights`` functions give attention weights (dense T x T), for losses on them.
-``backend``: ``auto`` picks the Triton kernels (``ops/triton``) for CUDA tensors when Triton
+``backend``: ``auto`` picks the Triton kernels for CUDA tensors when Triton
 imports, and the PyTorch reference otherwise (saying why once on a GPU); ``reference`` forces
 PyTorch; ``triton`` runs the kernels on CUDA, or on CPU in Triton's interpreter when
 TRITON_INTERPRET=1 (how CI tests them), and anywhere else is an error, never a fallback.
@@ -39,15 +40,15 @@ __all__ = [
 
 log = get_logger(__name__)
 _said_why: set[str] = set()
-_REFERENCE = {"linear": _linear_reference, "window": _window_reference, "gated": _gated_reference}
+_REFERENCE = {"linear": _linear_reference, "window": _window_reference, "gated": _gated_reference}  # kinds with kernels
 
 
 class BackendUnavailableError(NotImplementedError):
     """``attention.backend=triton`` where the Triton kernels cannot run."""
 
 
-def _kernels() -> ModuleType:
-    return importlib.import_module("linearize.ops.triton")
+def _kernels(kind: str) -> ModuleType:
+    return importlib.import_module(f"linearize.ops.{kind}.triton")
 
 
 def _triton_unavailable(device: torch.device) -> str | None:
@@ -60,11 +61,13 @@ def _triton_unavailable(device: torch.device) -> str | None:
             "the tensors are on the CPU and TRITON_INTERPRET is not 1 (Triton runs on the CPU only "
             "in its interpreter: set TRITON_INTERPRET=1 before the first use, for tests; it is slow)"
         )
-    try:
-        kernels = _kernels()
+    try:  # every kind's kernels at once: Triton builds them all compiled, or all interpreted
+        for kind in _REFERENCE:
+            _kernels(kind)
+        interpreter_problem = importlib.import_module("linearize.ops.triton_common").interpreter_problem
     except ImportError as e:  # no triton (e.g. macOS), or a Triton too old for the kernels
         return f"Triton cannot be imported ({e}); install it with `pip install triton` (Linux)"
-    return kernels.interpreter_problem() if device.type == "cpu" else None
+    return interpreter_problem() if device.type == "cpu" else None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -95,7 +98,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def _impl(kind: str, backend: str, device: torch.device) -> ModuleType:
     """The module whose forms of attention ``kind`` run: its kernels or its reference."""
-    return _kernels() if resolve_backend(backend, device) == "triton" else _REFERENCE[kind]
+    return _kernels(kind) if resolve_backend(backend, device) == "triton" else _REFERENCE[kind]
 
 
 def _step_impl(kind: str, backend: str, device: torch.device, *xs) -> ModuleType:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from linearize.ops.common import _check_one_token, _check_positive, _check_qkv
 from linearize.ops.gated.reference import GatedState, _gated_state
-from linearize.ops.triton._common import (
+from linearize.ops.triton_common import (
     NUM_WARPS, contiguous, kv_sum, mm, no_grad_step, pow2, put, tile, unify, value_block,
 )  # fmt: skip
 
