@@ -1,9 +1,12 @@
 """Helpers the tests of `linearize.ops` share: inputs, error measures, step loops, and the Triton
 kernels' import, fixture and checks.
 
-The reference forms are checked against each other on fp64 inputs (`assert_close`, to rounding).
-The kernels are checked against the reference (`check`): the kernel runs on fp32 (or bf16) inputs
-and the reference on the same values in fp64, so a difference is the kernel's own error.
+The reference forms are checked against each other (`assert_close`) on fp64 inputs unless a
+test says otherwise, so they must agree to rounding (1e-9); one test per kind holds the fp32 path,
+which the kernels are compared against, to fp32 tolerance (`check_fp32_forms`). The kernels are
+checked against the reference, forward and every gradient (`check`): the kernel runs on fp32 (or
+bf16/fp16) inputs and the reference on the same values in fp64, so a difference is the kernel's
+own error.
 
 Without CUDA the kernels run on the CPU in Triton's interpreter, which needs TRITON_INTERPRET=1
 when Triton itself is first imported (its library's jit functions are built then). `import_kernels`

@@ -1,13 +1,7 @@
 """Gated linear attention (`linearize.ops.gated`): the reference forms agree with themselves
 (quadratic == chunked == step loop, forward and every gradient), with plain linear attention at
-zero gates and with a recurrence written out, also under decays far outside exp's range.
-
-Reference inputs are fp64 unless a test says otherwise, so the forms must agree to rounding (1e-9);
-one test holds the fp32 path, which the kernel is compared against, to fp32 tolerance.
-
-The Triton kernel (`triton.py`) equals the reference, forward and every gradient, states and
-steps: it runs on fp32 (or bf16/fp16) inputs and the reference on the same values in fp64, so a
-difference is the kernel's own error (on CPU in Triton's interpreter; see tests/ops_testing.py).
+zero gates and with a recurrence written out, also under decays far outside exp's range; the
+Triton kernel (`triton.py`) equals them. How each is measured: tests/ops_testing.py.
 """
 
 from __future__ import annotations

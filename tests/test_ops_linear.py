@@ -1,12 +1,6 @@
 """Causal linear attention (`linearize.ops.linear`): the reference forms agree with themselves
-(quadratic == chunked == step loop, forward and every gradient) and with a definition by hand.
-
-Reference inputs are fp64 unless a test says otherwise, so the forms must agree to rounding (1e-9);
-one test holds the fp32 path, which the kernel is compared against, to fp32 tolerance.
-
-The Triton kernel (`triton.py`) equals the reference, forward and every gradient, states and
-steps: it runs on fp32 (or bf16/fp16) inputs and the reference on the same values in fp64, so a
-difference is the kernel's own error (on CPU in Triton's interpreter; see tests/ops_testing.py).
+(quadratic == chunked == step loop, forward and every gradient) and with a definition by hand;
+the Triton kernel (`triton.py`) equals them. How each is measured: tests/ops_testing.py.
 """
 
 from __future__ import annotations

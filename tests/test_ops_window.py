@@ -1,13 +1,7 @@
 """The LoLCATs window hybrid (`linearize.ops.window`): the reference forms agree with themselves
 (quadratic == chunked == step loop, forward and every gradient), with a definition by hand, and
-with softmax attention (torch's SDPA) where they reduce to it.
-
-Reference inputs are fp64 unless a test says otherwise, so the forms must agree to rounding (1e-9);
-one test holds the fp32 path, which the kernel is compared against, to fp32 tolerance.
-
-The Triton kernel (`triton.py`) equals the reference, forward and every gradient, states and
-steps: it runs on fp32 (or bf16/fp16) inputs and the reference on the same values in fp64, so a
-difference is the kernel's own error (on CPU in Triton's interpreter; see tests/ops_testing.py).
+with softmax attention (torch's SDPA) where they reduce to it; the Triton kernel (`triton.py`)
+equals them, also continued from a decoding cache. How each is measured: tests/ops_testing.py.
 """
 
 from __future__ import annotations
