@@ -8,8 +8,8 @@ Rows, all on the same random inputs of shape (--batch, --heads, T, --head-dim), 
 width --feature-dim (non-negative), GQA with --kv-heads:
 
     sdpa-softmax          torch SDPA, causal: the teacher's attention, the cost to beat
-    {linear,window,gated}-triton     our kernels (linearize.ops.triton)
-    {linear,window,gated}-reference  the PyTorch reference's chunked forms (linearize.ops.reference)
+    {linear,window,gated}-triton     our kernels (linearize.ops.<kind>.triton)
+    {linear,window,gated}-reference  the PyTorch reference's chunked forms (linearize.ops.<kind>.reference)
     fla-linear, fla-gla   flash-linear-attention's chunk_linear_attn / chunk_gla, when `fla`
                           imports (a note says so otherwise); layout (B, T, H, D), no GQA
 
@@ -22,6 +22,7 @@ the script, not a measurement). A call that runs out of memory is reported as OO
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import os
@@ -36,10 +37,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import PeakMemory  # noqa: E402
 
-from linearize.ops import reference  # noqa: E402
+from linearize.ops.common import expand_kv  # noqa: E402
+from linearize.ops.gated import reference as gated_reference  # noqa: E402
+from linearize.ops.linear import reference as linear_reference  # noqa: E402
+from linearize.ops.window import reference as window_reference  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MIB = 2**20
+REFERENCE = {"linear": linear_reference, "window": window_reference, "gated": gated_reference}
 
 
 def make_inputs(args, t: int, device: torch.device) -> dict:
@@ -60,22 +65,27 @@ def make_inputs(args, t: int, device: torch.device) -> dict:
     )  # fmt: skip
 
 
-def methods(args, kernels) -> tuple[dict, list[str]]:
-    """name -> fn(inputs) returning the output to time, and notes on what is left out."""
+def methods(args, kernels: dict | None) -> tuple[dict, list[str]]:
+    """name -> fn(inputs) returning the output to time, and notes on what is left out; kernels:
+    kind -> its Triton module, as REFERENCE, or None."""
     scale, w, notes = args.head_dim**-0.5, args.window, []
-    expand = lambda x, x_ref: reference.expand_kv(x, x_ref.shape[1])  # noqa: E731
+    expand = lambda x, x_ref: expand_kv(x, x_ref.shape[1])  # noqa: E731
     out = {
         "sdpa-softmax": lambda x: F.scaled_dot_product_attention(
             x["q"], expand(x["k"], x["q"]), expand(x["v"], x["q"]), is_causal=True, scale=scale
         ),
     }
-    impls = [("reference", reference)] + ([("triton", kernels)] if kernels is not None else [])
+    impls = [("reference", REFERENCE)] + ([("triton", kernels)] if kernels is not None else [])
     for name, impl in impls:
-        out[f"linear-{name}"] = lambda x, m=impl: m.linear_attn_chunked(x["fq"], x["fk"], x["v"], chunk_size=64)
-        out[f"window-{name}"] = lambda x, m=impl: m.window_attn_chunked(
+        out[f"linear-{name}"] = lambda x, m=impl["linear"]: m.linear_attn_chunked(
+            x["fq"], x["fk"], x["v"], chunk_size=64
+        )
+        out[f"window-{name}"] = lambda x, m=impl["window"]: m.window_attn_chunked(
             x["q"], x["k"], x["v"], x["fq"], x["fk"], window=w, window_factor=x["window_factor"], scale=scale
         )
-        out[f"gated-{name}"] = lambda x, m=impl: m.gated_attn_chunked(x["fq"], x["fk"], x["v"], x["g"], scale=scale)
+        out[f"gated-{name}"] = lambda x, m=impl["gated"]: m.gated_attn_chunked(
+            x["fq"], x["fk"], x["v"], x["g"], scale=scale
+        )
     if kernels is None:
         notes.append("Triton rows skipped: on CPU they need TRITON_INTERPRET=1 (the interpreter)")
     try:
@@ -195,7 +205,8 @@ def main() -> None:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     kernels = None
     if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        import linearize.ops.triton as kernels  # noqa: PLC0415 - Triton only when it can run
+        # Triton only when it can run
+        kernels = {kind: importlib.import_module(f"linearize.ops.{kind}.triton") for kind in REFERENCE}
     fns, notes = methods(args, kernels)
     if args.methods:
         fns = {k: v for k, v in fns.items() if k in args.methods}

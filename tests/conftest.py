@@ -15,6 +15,7 @@ from linearize.config import Config, register_configs, validate
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+KERNEL_TESTS_ONLY = "LINEARIZE_KERNEL_TESTS_ONLY"  # set: collect only the tests that run Triton kernels
 
 
 def data_root() -> Path:
@@ -63,3 +64,23 @@ def tokenizer(tiny_config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def seed_and_one_thread():
+    """For the ops tests: seed 0, and one torch thread while the test runs."""
+    # Ops here are tiny: waking a second thread per op costs more than the math on a busy CPU.
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """With $LINEARIZE_KERNEL_TESTS_ONLY set (test_ops_dispatch.py's fresh process), only the tests
+    that use a `kernels` fixture run."""
+    if os.environ.get(KERNEL_TESTS_ONLY):
+        deselected = [item for item in items if "kernels" not in getattr(item, "fixturenames", ())]
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item not in deselected]

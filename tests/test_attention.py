@@ -16,7 +16,10 @@ from linearize.config import FEATURE_MAPS as CONFIG_FEATURE_MAPS
 from linearize.models.load import load_teacher
 from linearize.attention.hooks import attention_layers, set_mode
 from linearize.models.swap import swap_attention
-from linearize.ops import reference as ref
+from linearize.ops.gated.reference import gated_attn_quadratic
+from linearize.ops.linear.reference import linear_attn_quadratic, linear_attn_step
+from linearize.ops.softmax.reference import softmax_attn
+from linearize.ops.window.reference import window_attn_quadratic, window_attn_step
 from tests.conftest import build_config
 
 ATTENTIONS = ("lolcats", "hedgehog", "t2r", "elu", "relu", "liger")
@@ -55,19 +58,19 @@ def quadratic(mixer, p: Projected):
         lin = mixer.linear
         fq, fk = lin.feature_q(p.q), lin.feature_k(p.k)
         if mixer.window == 0:
-            return ref.linear_attn_quadratic(fq, fk, p.v, eps=lin.eps)
-        return ref.window_attn_quadratic(
+            return linear_attn_quadratic(fq, fk, p.v, eps=lin.eps)
+        return window_attn_quadratic(
             p.q, p.k, p.v, fq, fk, window=mixer.window,
             window_factor=torch.sigmoid(mixer.window_factor), scale=p.scale, eps=lin.eps, sinks=mixer.sinks,
         )  # fmt: skip
     fq, fk = mixer.feature_q(p.q), mixer.feature_k(p.k)
     if hasattr(mixer, "gate"):
-        y = ref.gated_attn_quadratic(fq, fk, p.v, mixer.gate(p.k_pre), scale=p.scale)
+        y = gated_attn_quadratic(fq, fk, p.v, mixer.gate(p.k_pre), scale=p.scale)
         if mixer.window == 0:
             return y
-        swa = ref.softmax_attn(p.q, p.k, p.v, scale=p.scale, window=mixer.window)
+        swa = softmax_attn(p.q, p.k, p.v, scale=p.scale, window=mixer.window)
         return mixer.mix * y + (1 - mixer.mix) * swa
-    return ref.linear_attn_quadratic(fq, fk, p.v, eps=mixer.eps)
+    return linear_attn_quadratic(fq, fk, p.v, eps=mixer.eps)
 
 
 def test_feature_map_registry_matches_config_choices():
@@ -143,13 +146,13 @@ def test_module_chunked_equals_recurrent_steps(name):
     for i in range(p.q.shape[2]):
         s = slice(i, i + 1)
         if name == "lolcats":
-            y, state = ref.window_attn_step(
+            y, state = window_attn_step(
                 p.q[:, :, s], p.k[:, :, s], p.v[:, :, s], fq[:, :, s], fk[:, :, s], state,
                 window=6, window_factor=torch.sigmoid(mixer.window_factor), scale=p.scale, eps=cfg.eps,
                 sinks=sinks,
             )  # fmt: skip
         else:
-            y, state = ref.linear_attn_step(fq[:, :, s], fk[:, :, s], p.v[:, :, s], state, eps=cfg.eps)
+            y, state = linear_attn_step(fq[:, :, s], fk[:, :, s], p.v[:, :, s], state, eps=cfg.eps)
         ys.append(y)
     assert_close(mixer(p), torch.cat(ys, 2), what=f"{name} steps")
 
@@ -168,7 +171,7 @@ def test_window_zero_is_plain_linear_attention():
     plain.load_state_dict({k.removeprefix("linear."): v for k, v in hybrid.state_dict().items() if k.startswith("linear.")})
     torch.testing.assert_close(hybrid(p), plain(p), rtol=0, atol=0)
     fq, fk = plain.feature_q(p.q), plain.feature_k(p.k)
-    assert_close(hybrid(p), ref.linear_attn_quadratic(fq, fk, p.v), what="window 0 vs reference")
+    assert_close(hybrid(p), linear_attn_quadratic(fq, fk, p.v), what="window 0 vs reference")
 
 
 def test_liger_gates_are_negative_and_parameter_free():

@@ -359,16 +359,18 @@ def test_attention_weight_cross_entropy(tmp_path):
 
 
 def test_weights_reproduce_the_quadratic_outputs():
-    from linearize.ops import reference as ref
+    from linearize.ops.linear.reference import linear_attn_quadratic, linear_attn_weights
+    from linearize.ops.softmax.reference import softmax_attn, softmax_weights
+    from linearize.ops.window.reference import window_attn_quadratic, window_attn_weights
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 4, 20, 8, generator=g) for _ in range(3))
     fq, fk = q.softmax(-1), k.softmax(-1)
     wf = torch.full((4,), 0.3)
-    torch.testing.assert_close(ref.linear_attn_weights(fq, fk) @ v, ref.linear_attn_quadratic(fq, fk, v))
+    torch.testing.assert_close(linear_attn_weights(fq, fk) @ v, linear_attn_quadratic(fq, fk, v))
     torch.testing.assert_close(
-        ref.window_attn_weights(q, k, fq, fk, window=5, window_factor=wf, scale=0.3) @ v,
-        ref.window_attn_quadratic(q, k, v, fq, fk, window=5, window_factor=wf, scale=0.3),
+        window_attn_weights(q, k, fq, fk, window=5, window_factor=wf, scale=0.3) @ v,
+        window_attn_quadratic(q, k, v, fq, fk, window=5, window_factor=wf, scale=0.3),
     )
-    torch.testing.assert_close(ref.softmax_weights(q, k, scale=0.3, window=5) @ v,
-                               ref.softmax_attn(q, k, v, scale=0.3, window=5))  # fmt: skip
+    torch.testing.assert_close(softmax_weights(q, k, scale=0.3, window=5) @ v,
+                               softmax_attn(q, k, v, scale=0.3, window=5))  # fmt: skip

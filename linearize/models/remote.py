@@ -35,7 +35,11 @@ from linearize.attention import (
     window,
 )
 from linearize.models import probe, swap, trainable
-from linearize.ops import reference
+from linearize.ops import common as ops_common
+from linearize.ops.gated import reference as gated_reference
+from linearize.ops.linear import reference as linear_reference
+from linearize.ops.softmax import reference as softmax_reference
+from linearize.ops.window import reference as window_reference
 
 MODELING_FILE = "modeling_linearize.py"
 CLASS_NAME = "LinearizedForCausalLM"
@@ -162,7 +166,11 @@ def modeling_source() -> str:
     """The text of ``modeling_linearize.py``."""
     sections = [
         _HEADER,
-        _body(reference), "reference = types.SimpleNamespace(**globals())",
+        _body(ops_common),  # then each kind's reference forms, as the dispatch in `ops` names them
+        _body(linear_reference), "_linear_reference = types.SimpleNamespace(**globals())",
+        _body(window_reference), "_window_reference = types.SimpleNamespace(**globals())",
+        _body(gated_reference), "_gated_reference = types.SimpleNamespace(**globals())",
+        _body(softmax_reference),
         _config_part(),  # before feature_maps: its FEATURE_MAPS registry replaces the name list
         _body(feature_maps),
         _body(ops), "ops = types.SimpleNamespace(**globals())",

@@ -1,7 +1,10 @@
 """The attention math. Only this module chooses an implementation.
 
-Layout everywhere: (B, H, T, D), k/v/gates may carry fewer (KV) heads (see ``reference``).
-``backend``: ``auto`` picks the Triton kernels (``ops/triton``) for CUDA tensors when Triton
+Layout everywhere: (B, H, T, D), k/v/gates may carry fewer (KV) heads (see ``common``). Each
+attention kind has its package, ``ops/<kind>/``: its PyTorch reference forms (``reference.py``)
+and its Triton kernels (``triton.py``; softmax has none, SDPA runs it).
+The ``*_weights`` functions give attention weights (dense T x T), for losses on them.
+``backend``: ``auto`` picks the Triton kernels for CUDA tensors when Triton
 imports, and the PyTorch reference otherwise (saying why once on a GPU); ``reference`` forces
 PyTorch; ``triton`` runs the kernels on CUDA, or on CPU in Triton's interpreter when
 TRITON_INTERPRET=1 (how CI tests them), and anywhere else is an error, never a fallback.
@@ -20,16 +23,14 @@ from torch import Tensor
 
 from linearize.config import BACKENDS
 from linearize.log import get_logger
-from linearize.ops import reference
-from linearize.ops.reference import (  # attention weights: dense T x T, for losses on them
-    GatedState,
-    LinearState,
-    WindowState,
-    expand_kv,
-    linear_attn_weights,
-    softmax_weights,
-    window_attn_weights,
-)
+from linearize.ops.common import expand_kv
+from linearize.ops.gated import reference as _gated_reference
+from linearize.ops.gated.reference import GatedState
+from linearize.ops.linear import reference as _linear_reference
+from linearize.ops.linear.reference import LinearState, linear_attn_weights
+from linearize.ops.softmax.reference import softmax_weights
+from linearize.ops.window import reference as _window_reference
+from linearize.ops.window.reference import WindowState, window_attn_weights
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "GatedState", "LinearState", "WindowState", "gated_attn",
@@ -39,14 +40,15 @@ __all__ = [
 
 log = get_logger(__name__)
 _said_why: set[str] = set()
+_REFERENCE = {"linear": _linear_reference, "window": _window_reference, "gated": _gated_reference}  # kinds with kernels
 
 
 class BackendUnavailableError(NotImplementedError):
     """``attention.backend=triton`` where the Triton kernels cannot run."""
 
 
-def _kernels() -> ModuleType:
-    return importlib.import_module("linearize.ops.triton")
+def _kernels(kind: str) -> ModuleType:
+    return importlib.import_module(f"linearize.ops.{kind}.triton")
 
 
 def _triton_unavailable(device: torch.device) -> str | None:
@@ -59,11 +61,13 @@ def _triton_unavailable(device: torch.device) -> str | None:
             "the tensors are on the CPU and TRITON_INTERPRET is not 1 (Triton runs on the CPU only "
             "in its interpreter: set TRITON_INTERPRET=1 before the first use, for tests; it is slow)"
         )
-    try:
-        kernels = _kernels()
+    try:  # every kind's kernels at once: Triton builds them all compiled, or all interpreted
+        for kind in _REFERENCE:
+            _kernels(kind)
+        interpreter_problem = importlib.import_module("linearize.ops.triton_common").interpreter_problem
     except ImportError as e:  # no triton (e.g. macOS), or a Triton too old for the kernels
         return f"Triton cannot be imported ({e}); install it with `pip install triton` (Linux)"
-    return kernels.interpreter_problem() if device.type == "cpu" else None
+    return interpreter_problem() if device.type == "cpu" else None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -92,15 +96,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "reference"
 
 
-def _impl(backend: str, device: torch.device) -> ModuleType:
-    return _kernels() if resolve_backend(backend, device) == "triton" else reference
+def _impl(kind: str, backend: str, device: torch.device) -> ModuleType:
+    """The module whose forms of attention ``kind`` run: its kernels or its reference."""
+    return _kernels(kind) if resolve_backend(backend, device) == "triton" else _REFERENCE[kind]
 
 
-def _step_impl(backend: str, device: torch.device, *xs) -> ModuleType:
+def _step_impl(kind: str, backend: str, device: torch.device, *xs) -> ModuleType:
     """As `_impl`, but ``auto`` keeps a step that needs a graph on the (differentiable)
     reference: the Triton steps are forward-only (decoding), ``triton`` there is an error."""
     wants_grad = torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in xs)
-    return reference if backend == "auto" and wants_grad else _impl(backend, device)
+    return _REFERENCE[kind] if backend == "auto" and wants_grad else _impl(kind, backend, device)
 
 
 def linear_attn(
@@ -112,7 +117,7 @@ def linear_attn(
 
     With ``initial_state`` it continues a sequence; ``output_final_state`` also returns the state.
     """
-    return _impl(backend, q.device).linear_attn_chunked(
+    return _impl("linear", backend, q.device).linear_attn_chunked(
         q, k, v, chunk_size=chunk_size, normalize=normalize, eps=eps,
         initial_state=initial_state, output_final_state=output_final_state,
     )  # fmt: skip
@@ -123,7 +128,7 @@ def linear_attn_step(
     eps: float = 1e-6, backend: str = "auto",
 ) -> tuple[Tensor, LinearState]:  # fmt: skip
     """One decoding step of ``linear_attn``: q (B,H,1,F), k (B,H_kv,1,F), v (B,H_kv,1,D)."""
-    impl = _step_impl(backend, q.device, q, k, v, *(state or ()))
+    impl = _step_impl("linear", backend, q.device, q, k, v, *(state or ()))
     return impl.linear_attn_step(q, k, v, state, normalize=normalize, eps=eps)
 
 
@@ -150,8 +155,8 @@ def window_attn(
     sinks: int = 0,
 ) -> Tensor | tuple[Tensor, WindowState]:  # fmt: skip
     """LoLCATs hybrid: softmax over the last ``window`` keys and the first ``sinks``, linear over
-    the others; see ``reference``."""
-    return _impl(_sinks_backend(backend, sinks), q.device).window_attn_chunked(
+    the others; see ``window.reference``."""
+    return _impl("window", _sinks_backend(backend, sinks), q.device).window_attn_chunked(
         q, k, v, fq, fk, window=window, window_factor=window_factor, scale=scale,
         chunk_size=chunk_size, eps=eps, initial_state=initial_state,
         output_final_state=output_final_state, **({"sinks": sinks} if sinks else {}),
@@ -164,7 +169,9 @@ def window_attn_step(
     sinks: int = 0,
 ) -> tuple[Tensor, WindowState]:  # fmt: skip
     """One decoding step of ``window_attn`` (one token in q, k, v, fq, fk)."""
-    impl = _step_impl(_sinks_backend(backend, sinks), q.device, q, k, v, fq, fk, window_factor, *(state or ()))
+    impl = _step_impl(
+        "window", _sinks_backend(backend, sinks), q.device, q, k, v, fq, fk, window_factor, *(state or ())
+    )
     return impl.window_attn_step(
         q, k, v, fq, fk, state, window=window, window_factor=window_factor, scale=scale, eps=eps,
         **({"sinks": sinks} if sinks else {}),
@@ -176,7 +183,7 @@ def gated_attn(
     backend: str = "auto", initial_state: GatedState | None = None, output_final_state: bool = False,
 ) -> Tensor | tuple[Tensor, GatedState]:  # fmt: skip
     """Gated linear attention (GLA): S_t = diag(exp g_t) S_{t-1} + k_tᵀ v_t, y_t = scale q_t S_t."""
-    return _impl(backend, q.device).gated_attn_chunked(
+    return _impl("gated", backend, q.device).gated_attn_chunked(
         q, k, v, g, scale=scale, chunk_size=chunk_size, initial_state=initial_state,
         output_final_state=output_final_state,
     )  # fmt: skip
@@ -187,7 +194,8 @@ def gated_attn_step(
     backend: str = "auto",
 ) -> tuple[Tensor, GatedState]:  # fmt: skip
     """One decoding step of ``gated_attn`` (one token in q, k, v, g)."""
-    return _step_impl(backend, q.device, q, k, v, g, *(state or ())).gated_attn_step(q, k, v, g, state, scale=scale)
+    impl = _step_impl("gated", backend, q.device, q, k, v, g, *(state or ()))
+    return impl.gated_attn_step(q, k, v, g, state, scale=scale)
 
 
 def softmax_attn(q: Tensor, k: Tensor, v: Tensor, *, scale: float, window: int | None = None) -> Tensor:

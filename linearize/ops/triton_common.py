@@ -1,8 +1,18 @@
-"""Host and device helpers shared by the Triton kernels: block sizes, tiles, dots, GQA sums.
+"""Host and device helpers shared by the Triton kernels (`linearize.ops.<kind>.triton`; see
+docs/kernels.md): block sizes, tiles, dots, GQA sums, and whether the kernels can run interpreted.
+
+Each kernel module has the same signatures and semantics as its namesakes in the `reference.py`
+beside it, which the tests hold it to. Only `linearize.ops` should import the kernel modules (it
+picks the backend), all of them at once, on first use.
 
 Every kernel reads contiguous (B, H, T, X) tensors; a program handles one (batch, query head)
 and reads kv head h // (H // H_kv). Tiles are padded to powers of two (at least 16, the
 smallest `tl.dot` operand on NVIDIA) and masked, so no dimension need be a power of two.
+
+Triton decides between compiling and interpreting when a jit function is defined: its own
+library's (tl.sum, tl.zeros, ...) when Triton is first imported, ours when this module and the
+kernel modules (which import it first) are. On CPU (TRITON_INTERPRET=1) both must be
+interpreted; `interpreter_problem` says when they are not.
 """
 
 from __future__ import annotations
@@ -101,3 +111,22 @@ def mm(a, b, DT: tl.constexpr):
     if EMULATE_16BIT_DOT:
         return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), input_precision="ieee")
     return tl.dot(a.to(DT), b.to(DT), input_precision="ieee")
+
+
+def _interpreted(fn) -> bool:
+    return type(fn).__name__ == "InterpretedFunction"
+
+
+INTERPRETED: bool = _interpreted(mm)  # how our jit functions were built
+
+
+def interpreter_problem() -> str | None:
+    """Why the kernels cannot run in Triton's interpreter in this process; None when they can."""
+    if not INTERPRETED:
+        return "the kernels were compiled for a GPU: TRITON_INTERPRET=1 was not set at their first import"
+    if not _interpreted(getattr(triton.language.standard, "sum", None)):
+        return (
+            "Triton was imported (by another library, e.g. peft) before TRITON_INTERPRET=1 was set, so "
+            "its own library is compiled; set TRITON_INTERPRET=1 before anything imports Triton"
+        )
+    return None

@@ -21,8 +21,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from linearize.ops.reference import LinearState, _check_one_token, _check_positive, _check_qkv, _linear_state
-from linearize.ops.triton._common import (
+from linearize.ops.common import _check_one_token, _check_positive, _check_qkv
+from linearize.ops.linear.reference import LinearState, _linear_state
+from linearize.ops.triton_common import (
     NUM_WARPS, contiguous, kv_sum, mm, no_grad_step, pow2, put, tile, time_block, unify, value_block,
 )  # fmt: skip
 

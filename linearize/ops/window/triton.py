@@ -29,12 +29,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from linearize.ops.reference import (
-    WindowState, _check_one_token, _check_positive, _check_window, _mix_factor, _window_state, expand_kv,
-)  # fmt: skip
-from linearize.ops.triton._common import (
+from linearize.ops.common import _check_one_token, _check_positive, expand_kv
+from linearize.ops.triton_common import (
     NUM_WARPS, contiguous, kv_sum, mm, no_grad_step, pow2, put, tile, time_block, unify, value_block,
 )  # fmt: skip
+from linearize.ops.window.reference import WindowState, _check_window, _mix_factor, _window_state
 
 
 @triton.jit(do_not_specialize=["T", "N", "P", "W"])

@@ -1,0 +1,2 @@
+"""Causal softmax attention (the teacher's): `reference` holds its oracle and dense weights; it
+has no kernel."""
