@@ -61,7 +61,7 @@ def _section_of(obj: Any, name: str) -> dict[str, Any]:
 
 
 def data_identity(config: Config) -> dict[str, Any]:
-    from linearize.data import local_files
+    from linearize.datafiles import local_files
     from linearize.models.load import file_sha256
 
     fp = _section(config, "data")

@@ -44,21 +44,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from chaos_kill import Kill, run_and_kill, run_to_end, temp_entries
 from chaos_resume import (
     EVAL_EVERY,
     STEPS,
-    code_stamp,
-    Kill,
     Outcome,
     _differing,
     _reads,
     checkpoint_dirs,
+    code_stamp,
     latest_state,
-    run_and_kill,
-    run_to_end,
     run_trials,
     stage_args,
-    temp_entries,
     trial_seeds,
 )
 

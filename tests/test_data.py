@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from linearize import data as data_module
+from linearize import datafiles
 
 from linearize.config import DataConfig
 from linearize.data import (
@@ -151,7 +152,7 @@ def test_shared_instruction_data_reads_fully():
 def _oracle_records(cfg: DataConfig, root) -> list[dict[str, str]]:
     """The old reader: each file read whole, then split (the normalisation is shared)."""
     records = []
-    for path in data_module.local_files(cfg, root):
+    for path in datafiles.local_files(cfg, root):
         text = path.read_text(encoding="utf-8")
         if path.suffix == ".txt":
             records += [{"text": b.strip()} for b in text.split("\n\n") if b.strip()]
@@ -224,7 +225,7 @@ def _text_files(tmp_path):
 def small_buffers(monkeypatch):
     """Tiny batches and reads, so that every batch and chunk boundary is crossed."""
     monkeypatch.setattr(data_module, "_TOKENIZE_BATCH", 7)
-    monkeypatch.setattr(data_module, "_READ_CHARS", 5)
+    monkeypatch.setattr(datafiles, "_READ_CHARS", 5)
 
 
 @pytest.mark.parametrize(

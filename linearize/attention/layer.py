@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from linearize import ops
 from linearize.attention.cache import RecurrentState
 from linearize.attention.hooks import slot
 from linearize.attention.padding import by_row, key_validity
@@ -73,6 +74,11 @@ class Linearized:
     @mixer.setter
     def mixer(self, mixer: nn.Module) -> None:
         self.module.mixer = mixer
+
+    def teacher_weights(self, p: Projected) -> Tensor:
+        """The teacher's softmax attention weights (B, H, T, T) for the projected inputs ``p``,
+        its own window applied: the target of losses on attention weights (Hedgehog's)."""
+        return ops.softmax_weights(p.q, p.k, scale=p.scale, window=self.sliding_window)
 
 
 def original_function(module: nn.Module, name: str) -> Callable:

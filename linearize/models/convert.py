@@ -33,13 +33,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer
 
-from linearize.attention.hooks import set_mode
 from linearize.config import AdapterConfig, AttentionConfig, ModelConfig
 from linearize.log import get_logger
+from linearize.models.attach import attach
 from linearize.models.load import file_sha256, load_teacher, load_tokenizer, resolve_source
 from linearize.models.probe import layer_split
 from linearize.models.remote import write_remote_code
-from linearize.models.swap import swap_attention
 from linearize.models.trainable import new_parameters
 from linearize.rundir import MANIFEST, read_manifest, write_manifest
 
@@ -177,7 +176,8 @@ def load_full_weights(teacher: nn.Module, path: Path) -> None:
 
 
 def apply_converted(teacher: nn.Module, path: Path, *, with_adapter: bool = True, seed: int = 0) -> nn.Module:
-    """Turn a loaded teacher into the converted model saved at ``path``.
+    """Turn a loaded teacher into the converted model saved at ``path`` (:func:`attach`, after
+    the directory's own whole weights, if it holds them, replace the teacher's).
 
     Returns:
         The model: the swapped teacher, peft-wrapped when the directory holds an adapter and
@@ -185,29 +185,8 @@ def apply_converted(teacher: nn.Module, path: Path, *, with_adapter: bool = True
     """
     path = Path(path)
     manifest = read_manifest(path)
-    attention = AttentionConfig(**manifest["attention"])
     load_full_weights(teacher, path)
-    swap_attention(teacher, attention, seed=seed)
-    new = load_file(path / "attention.safetensors")
-    params = dict(teacher.named_parameters())
-    expected = set(new_parameters(teacher))
-    if set(new) != expected:
-        raise ValueError(
-            f"{path}/attention.safetensors does not fit this model: "
-            f"missing {sorted(expected - set(new))[:3]}, unknown {sorted(set(new) - expected)[:3]}"
-        )
-    with torch.no_grad():
-        for name, tensor in new.items():
-            params[name].copy_(tensor)
-    set_mode(teacher, "student")
-    model = teacher
-    if manifest["adapter"] is not None and with_adapter:
-        model = build_adapter(teacher, AdapterConfig(**manifest["adapter"]))
-        state = load_file(path / "adapter.safetensors")
-        result = peft.set_peft_model_state_dict(model, state)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"{path}/adapter.safetensors has unexpected keys {result.unexpected_keys[:3]}")
-    return model.eval()
+    return attach(teacher, path, manifest, with_adapter=with_adapter, seed=seed)
 
 
 def load_converted(path: str | Path, *, device: str | torch.device = "cpu", cache_dir: Optional[str] = None):

@@ -21,8 +21,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from linearize.config import ModelConfig
-from linearize.models.families import static_problem
 from linearize.log import get_logger
+from linearize.models.families import static_problem
 from linearize.rundir import check_safetensors, umask
 
 log = get_logger(__name__)

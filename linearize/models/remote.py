@@ -34,7 +34,7 @@ from linearize.attention import (
     supra,
     window,
 )
-from linearize.models import probe, swap, trainable
+from linearize.models import attach, probe, swap, trainable
 from linearize.ops import common as ops_common
 from linearize.ops.gated import reference as gated_reference
 from linearize.ops.linear import reference as linear_reference
@@ -70,10 +70,6 @@ MISSING = "???"
 '''
 
 _LOADER = '''
-
-def _module_view() -> types.SimpleNamespace:
-    return types.SimpleNamespace(**globals())
-
 
 def _teacher_location(path: str) -> tuple[str, dict]:
     """(from_pretrained location, extra kwargs) for a teacher path as linearize records it."""
@@ -122,26 +118,7 @@ class LinearizedForCausalLM:
             for key in ("revision", *extra):  # the converted directory's, not the teacher's
                 kwargs.pop(key, None)
             model = family_class.from_pretrained(location, *args, revision=teacher.get("revision"), **extra, **kwargs)
-        attention = AttentionConfig(**manifest["attention"])
-        swap_attention(model, attention)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in load_file(os.path.join(path, "attention.safetensors")).items():
-                params[name].copy_(tensor)
-        set_mode(model, "student")
-        model.requires_grad_(False)
-        if manifest.get("adapter"):
-            try:
-                import peft
-            except ImportError as err:
-                raise ImportError("this directory holds a peft adapter: pip install peft, or export with export.merge=true") from err
-            adapter = manifest["adapter"]
-            peft_config = getattr(peft, adapter["peft_config"])(
-                task_type="CAUSAL_LM", target_modules=adapter["target_modules"], **adapter["options"]
-            )
-            model = peft.get_peft_model(model, peft_config)
-            peft.set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter.safetensors")))
-        return model.eval()
+        return attach(model, path, manifest).requires_grad_(False)
 '''
 
 
@@ -177,7 +154,7 @@ def modeling_source() -> str:
         _body(cache), _body(projected), _body(padding), _body(hooks), _body(layer),
         _body(linear), _body(window), _body(gated), _body(supra),
         _body(__import__("linearize.attention", fromlist=["build_mixer"])),
-        _body(probe), _body(trainable), _body(swap),
+        _body(probe), _body(trainable), _body(swap), _body(attach),
         _LOADER,
     ]  # fmt: skip
     return "\n\n".join(sections)

@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from linearize.attention.hooks import attention_layers, slot
+from linearize.config import TRAINABLE
 
-TRAINABLE_SETS = ("new", "attention", "all", "adapter", "adapter+new")
+TRAINABLE_SETS = (*TRAINABLE, "adapter", "adapter+new")  # train.trainable's, and stage 2's
 
 
 def new_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

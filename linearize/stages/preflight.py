@@ -12,7 +12,8 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from linearize.config import Config
-from linearize.data import PackedData, local_files
+from linearize.data import PackedData
+from linearize.datafiles import local_files
 from linearize.fingerprint import adopt_source, check_chain, converted_source, stage_fingerprint
 from linearize.log import get_logger
 from linearize.models.load import (

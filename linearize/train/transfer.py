@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from linearize import ops
 from linearize.attention import Linearized, Projected
 from linearize.log import get_logger
 
@@ -66,7 +65,7 @@ class TransferObjective:
             raise NotImplementedError("transfer.xent_weight does not mask padding: train on packed rows")
         if self.xent_weight:
             layer = self.layers[layer_idx]
-            target = ops.softmax_weights(p.q, p.k, scale=p.scale, window=layer.sliding_window)
+            target = layer.teacher_weights(p)
             log_student = layer.mixer.weights(p).clamp_min(1e-12).log()  # (B, H, T, T)
             terms["xent"] = -(target * log_student).sum(-1).mean()
         if self._backward is not None and terms["mse"].requires_grad:
