@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from linearize.config import AttentionConfig, Config, ModelConfig
+from linearize.config import TRAINED_STAGES, AttentionConfig, Config, ModelConfig
 from linearize.rundir import RunDirError, differences, read_manifest, shown, upstream_hash
 
 CONVERTED_STAGES = ("export", "finetune", "uptrain", "transfer")
@@ -92,7 +92,7 @@ def stage_fingerprint(config: Config, stage: str) -> dict[str, Any]:
     """The settings ``stage`` computes its result from (see the module docstring)."""
     run_dir = Path(config.run.dir)
     fp: dict[str, Any] = {"stage": stage, **teacher_identity(config.model), "run.seed": config.run.seed}
-    if stage in ("transfer", "finetune", "uptrain"):
+    if stage in TRAINED_STAGES:
         fp.update(data_identity(config))
         train = asdict(config.train)
         if stage != "uptrain":

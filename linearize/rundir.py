@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from linearize.config import PIPELINE_STAGES
 from linearize.log import get_logger, process_rank
 
 log = get_logger(__name__)
@@ -165,7 +166,7 @@ def rebuild_hint(path: Path) -> str:
     """The command that writes ``path`` (a stage output dir of a run dir) again."""
     path = Path(path)
     stage = path.name
-    if stage in ("transfer", "finetune", "uptrain", "export", "eval"):
+    if stage in PIPELINE_STAGES:
         return f"rebuild it with: python -m linearize stage={stage} run.dir={path.parent} (or stage=all)"
     return "write it again (python -m linearize stage=export, or copy it again from where it came)"
 

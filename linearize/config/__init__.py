@@ -27,6 +27,7 @@ from linearize.config.checks import (
     SEED_LIMIT,
     STAGES,
     TRAINABLE,
+    TRAINED_STAGES,
     WANDB_MODES,
     _choice,
     _finite,
@@ -57,7 +58,7 @@ from linearize.config.schema import (
 
 __all__ = [
     "ATTENTION_KINDS", "BACKENDS", "CONFIG_DIR", "CONVERT", "DATA_FORMATS", "DECAYS", "DEVICES", "DTYPES",
-    "FEATURE_MAPS", "OBJECTIVES", "PIPELINE_STAGES", "SCHEDULERS", "SEED_LIMIT", "STAGES", "TRAINABLE",
+    "FEATURE_MAPS", "OBJECTIVES", "PIPELINE_STAGES", "SCHEDULERS", "SEED_LIMIT", "STAGES", "TRAINABLE", "TRAINED_STAGES",
     "WANDB_MODES", "AdapterConfig", "AttentionConfig", "Config", "DataConfig", "EvalConfig", "ExportConfig",
     "FinetuneConfig", "GenerateConfig", "LoggingConfig", "ModelConfig", "RunConfig", "TrainConfig",
     "TransferConfig", "check_overrides", "group_options", "register_configs", "validate",

@@ -6,8 +6,9 @@ from __future__ import annotations
 import difflib
 from typing import Any
 
-STAGES = ("prepare", "transfer", "finetune", "uptrain", "export", "eval", "generate", "all")
-PIPELINE_STAGES = ("transfer", "finetune", "uptrain", "export", "eval")
+TRAINED_STAGES = ("transfer", "finetune", "uptrain")  # each trains, from checkpoints it can resume
+PIPELINE_STAGES = (*TRAINED_STAGES, "export", "eval")  # each publishes <run.dir>/<stage>, fingerprinted
+STAGES = ("prepare", *PIPELINE_STAGES, "generate", "all")
 CONVERT = ("global", "all")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEVICES = ("auto", "cpu", "cuda")

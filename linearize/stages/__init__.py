@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from linearize.config import Config
+from linearize.config import PIPELINE_STAGES, Config
 from linearize.fingerprint import stage_fingerprint
 from linearize.log import Tracker, get_logger
 from linearize.rundir import RunDirError, lock_run_dir, stage_status
@@ -59,7 +59,7 @@ def run_stage(config: Config, cfg: DictConfig, overrides: Optional[list[str]] = 
         return
     if config.stage != "generate":
         lock_run_dir(Path(config.run.dir))
-    if config.stage in ("transfer", "finetune", "uptrain", "export", "eval"):
+    if config.stage in PIPELINE_STAGES:
         try:
             done, why = stage_status(Path(config.run.dir), config.stage, stage_fingerprint(config, config.stage))
         except (FileNotFoundError, RunDirError):

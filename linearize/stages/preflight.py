@@ -11,7 +11,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from linearize.config import Config
+from linearize.config import TRAINED_STAGES, Config
 from linearize.data import PackedData
 from linearize.datafiles import local_files
 from linearize.fingerprint import adopt_source, check_chain, converted_source, stage_fingerprint
@@ -33,7 +33,7 @@ from linearize.train.checkpoint import check_latest, checkpoint_roots
 
 log = get_logger(__name__)
 
-TRAINING_STAGES = ("prepare", "transfer", "finetune", "uptrain", "all")
+TRAINING_STAGES = ("prepare", *TRAINED_STAGES, "all")  # the stages that read the training data
 
 
 def checked_config(cfg: DictConfig, overrides: list[str]) -> Config:
@@ -202,7 +202,7 @@ def check_run_dir(config: Config) -> None:
     """What the run dir holds fits this training stage: a fresh start (``run.resume=false``) finds
     no earlier work of the stage; a resume finds work made with the same fingerprint (key by key,
     the run's length aside) and whole checkpoints."""
-    if config.stage not in ("transfer", "finetune", "uptrain"):
+    if config.stage not in TRAINED_STAGES:
         return
     run_dir = Path(config.run.dir)
     work = work_dir(run_dir, config.stage)
