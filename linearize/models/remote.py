@@ -131,7 +131,7 @@ def _body(module) -> str:
 def _config_part() -> str:
     constants = "\n".join(
         f"{name} = {getattr(config_module, name)!r}"
-        for name in ("ATTENTION_KINDS", "DECAYS", "FEATURE_MAPS", "BACKENDS", "CONVERT")
+        for name in ("ATTENTION_KINDS", "DECAYS", "FEATURE_MAPS", "BACKENDS", "CONVERT", "TRAINABLE")
     )
     helpers = (config_module._choice, config_module._positive, config_module._fraction, config_module._finite)
     parts = [inspect.getsource(f) for f in helpers]
