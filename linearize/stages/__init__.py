@@ -3,59 +3,35 @@
 Every stage starts from :func:`~linearize.stages.prepare.prepare` (the checked config, run dir,
 teacher and data: :class:`~linearize.stages.prepare.Prepared`) after
 :func:`~linearize.stages.preflight.preflight` has checked everything that needs no model;
-``stage=all`` (:mod:`linearize.stages.pipeline`) chains the pipeline's stages.
+``stage=all`` (:mod:`linearize.stages.pipeline`) chains the pipeline's stages;
+:mod:`linearize.stages.dispatch` holds the table of what each stage runs.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from linearize.config import PIPELINE_STAGES, Config
 from linearize.fingerprint import stage_fingerprint
-from linearize.log import Tracker, get_logger
+from linearize.log import get_logger
 from linearize.rundir import RunDirError, lock_run_dir, stage_status
-from linearize.stages import eval as evaluation
-from linearize.stages import export, finetune, generate, prepare, transfer, uptrain
+from linearize.stages import prepare
+from linearize.stages.dispatch import RUNNERS, run_prepared
 from linearize.stages.pipeline import run_all
 from linearize.stages.preflight import checked_config
-from linearize.stages.prepare import Prepared
 
 __all__ = ["RUNNERS", "checked_config", "run_prepared", "run_stage"]
 
 log = get_logger(__name__)
 
-RUNNERS: dict[str, Callable[[Prepared], object]] = {
-    "prepare": prepare.run,
-    "transfer": transfer.run,
-    "finetune": finetune.run,
-    "uptrain": uptrain.run,
-    "export": export.run,
-    "eval": evaluation.run,
-    "generate": generate.run,
-}
-
-
-def run_prepared(stage: str, prepared: Prepared) -> None:
-    """Run ``stage`` on ``prepared`` with its metrics tracker open (``prepare`` needs none)."""
-    if stage == "prepare":
-        return
-    c = prepared.config
-    config = OmegaConf.to_container(OmegaConf.structured(c))
-    prepared.tracker = Tracker(c.logging.wandb, c.logging.project, str(prepared.run_dir), config)
-    try:
-        RUNNERS[stage](prepared)
-    finally:
-        prepared.tracker.finish()
-        prepared.tracker = None
-
 
 def run_stage(config: Config, cfg: DictConfig, overrides: Optional[list[str]] = None) -> None:
     """Run ``config.stage`` holding the run dir's lock (``generate`` only reads: no lock)."""
     if config.stage == "all":
-        run_all(config, cfg, list(overrides or []), run_prepared)
+        run_all(config, cfg, list(overrides or []))
         return
     if config.stage != "generate":
         lock_run_dir(Path(config.run.dir))

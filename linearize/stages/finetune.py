@@ -30,7 +30,7 @@ from linearize.models.swap import swap_attention
 from linearize.models.trainable import set_trainable
 from linearize.rundir import publish, start_work, work_dir
 from linearize.stages.prepare import Prepared
-from linearize.train.distributed import is_sharded
+from linearize.train.distributed import full_state_options, is_sharded
 from linearize.train.loop import train
 from linearize.train.objectives import make_objective
 
@@ -111,9 +111,9 @@ def tune(prepared: Prepared, stage: str, start: Start, trainable: str) -> Path:
 def unsharded_copy(model: nn.Module, prepared: Prepared) -> nn.Module | None:
     """The FSDP-sharded ``model``'s weights gathered into a fresh, plain copy on the main process
     (``None`` on the others), for writing it out. Every process must call it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(model, options=full_state_options(cpu_offload=True))
     if not prepared.accelerator.is_main_process:
         return None
     cfg = prepared.config

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Callable
 
 from omegaconf import DictConfig
 
@@ -22,13 +21,14 @@ from linearize.rundir import (
     work_dir,
     work_fingerprint,
 )
+from linearize.stages.dispatch import run_prepared
 from linearize.stages.preflight import check_values, preflight
-from linearize.stages.prepare import Prepared, prepare
+from linearize.stages.prepare import prepare
 
 log = get_logger(__name__)
 
 
-def run_all(config: Config, cfg: DictConfig, overrides: list[str], run_prepared: Callable[[str, Prepared], None]) -> None:
+def run_all(config: Config, cfg: DictConfig, overrides: list[str]) -> None:
     """The stages of ``pipeline`` in order (transfer -> finetune -> export, or a recipe's), each
     composed as if run alone with ``stage=<it>`` (so each gets its own stage defaults) and
     ``run.resume=true``; every stage's values are checked before the first one starts.
@@ -37,7 +37,6 @@ def run_all(config: Config, cfg: DictConfig, overrides: list[str], run_prepared:
     now (which holds the upstream outputs' fingerprints, so a change upstream reruns every stage
     after it). Otherwise it runs: from its checkpoints when they were made with the same
     settings, else from the start, its old work discarded (the log says which keys differ).
-    ``run_prepared(stage, prepared)`` runs one stage (:func:`linearize.stages.run_prepared`).
     """
     from hydra import compose
 

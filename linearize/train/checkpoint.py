@@ -110,8 +110,6 @@ def save_checkpoint(out_dir: Path, model, optimizer, scheduler, state: TrainStat
     return ckpt_root / name
 
 
-
-
 def check_fingerprint(ckpt: Path, fingerprint: dict) -> None:
     """The checkpoint at ``ckpt`` was made with ``fingerprint`` (a resume may change only how long
     training runs: ``LENGTH_KEYS``).
