@@ -23,6 +23,9 @@ from linearize.config.checks import (
     FEATURE_MAPS,
     OBJECTIVES,
     PIPELINE_STAGES,
+    RULER_OFFLINE,
+    RULER_ONLINE,
+    RULER_TASKS,
     SCHEDULERS,
     SEED_LIMIT,
     STAGES,
@@ -58,7 +61,8 @@ from linearize.config.schema import (
 
 __all__ = [
     "ATTENTION_KINDS", "BACKENDS", "CONFIG_DIR", "CONVERT", "DATA_FORMATS", "DECAYS", "DEVICES", "DTYPES",
-    "FEATURE_MAPS", "OBJECTIVES", "PIPELINE_STAGES", "SCHEDULERS", "SEED_LIMIT", "STAGES", "TRAINABLE", "TRAINED_STAGES",
+    "FEATURE_MAPS", "OBJECTIVES", "PIPELINE_STAGES", "RULER_OFFLINE", "RULER_ONLINE",
+    "RULER_TASKS", "SCHEDULERS", "SEED_LIMIT", "STAGES", "TRAINABLE", "TRAINED_STAGES",
     "WANDB_MODES", "AdapterConfig", "AttentionConfig", "Config", "DataConfig", "EvalConfig", "ExportConfig",
     "FinetuneConfig", "GenerateConfig", "LoggingConfig", "ModelConfig", "RunConfig", "TrainConfig",
     "TransferConfig", "check_overrides", "group_options", "register_configs", "validate",

@@ -22,6 +22,19 @@ SCHEDULERS = ("plateau", "cosine", "constant")
 OBJECTIVES = ("ntp", "kd", "kd+ntp")
 BACKENDS = ("auto", "reference", "triton")
 SEED_LIMIT = 2**43
+# lm-eval's RULER tasks (``lm_eval/tasks/ruler``). The first build their data on the machine
+# (synthetic haystacks, wonderwords' word lists); the others read data from the web or the hub.
+RULER_OFFLINE = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
+RULER_ONLINE = {
+    "niah_single_2": "Paul Graham's essays (hub dataset baber/paul_graham_essays)",
+    "niah_single_3": "Paul Graham's essays (hub dataset baber/paul_graham_essays)",
+    "niah_multikey_1": "Paul Graham's essays (hub dataset baber/paul_graham_essays)",
+    "niah_multivalue": "Paul Graham's essays (hub dataset baber/paul_graham_essays)",
+    "niah_multiquery": "Paul Graham's essays (hub dataset baber/paul_graham_essays)",
+    "ruler_qa_squad": "SQuAD v2 (from the web)",
+    "ruler_qa_hotpot": "HotpotQA (from the web)",
+}
+RULER_TASKS = (*RULER_OFFLINE, *RULER_ONLINE)
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -13,6 +13,9 @@ from linearize.config.checks import (
     DEVICES,
     OBJECTIVES,
     PIPELINE_STAGES,
+    RULER_OFFLINE,
+    RULER_ONLINE,
+    RULER_TASKS,
     SEED_LIMIT,
     STAGES,
     WANDB_MODES,
@@ -91,6 +94,11 @@ class ExportConfig:
     """Write the whole model with the adapter merged in, instead of deltas over the teacher."""
 
 
+# The shortest eval.long length: at 1,024 tokens every RULER task the machine builds offline fits.
+# Shorter ones fail: at 512 ruler_vt's sample builder never returns; at 256 niah_multikey_2 fits none.
+LONG_MIN = 1024
+
+
 @dataclass
 class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy"])
@@ -111,6 +119,19 @@ class EvalConfig:
     ppl_buckets: list[int] = field(default_factory=lambda: [64, 256, 512])
     """Edges of the position buckets for the loss by position on WikiText-2 (teacher beside the
     converted model, in the report and ``position.png``); ``[]`` turns it off."""
+    long: list[int] = field(default_factory=list)
+    """Context lengths of the long-context evaluation, e.g. ``[1024,2048,4096]``: lm-eval's RULER
+    tasks (``long_tasks``) at each length, and the WikiText-2 loss by position in windows of the
+    longest (``long_ppl_tokens``). ``[]`` (the default) skips it: it costs minutes per length."""
+    long_tasks: list[str] = field(default_factory=lambda: list(RULER_OFFLINE))
+    """RULER tasks scored at each ``long`` length (the ones that build their data offline)."""
+    long_samples: int = 50
+    """Samples per RULER task and length (the harness builds 500; ``limit`` scores the first)."""
+    long_ppl_tokens: int = 32768
+    """WikiText-2 tokens for the loss by position in long windows; 0 skips it."""
+    long_ppl_len: Optional[int] = None
+    """Tokens per window of that loss by position (disjoint windows, so every position bucket sees
+    the same text mix); ``None``: ``max(long)``. E.g. 8192, a SmolLM2's whole context."""
 
     def __post_init__(self) -> None:
         _finite("eval", self)
@@ -136,6 +157,28 @@ class EvalConfig:
             raise ValueError(
                 f"eval.ppl_buckets={self.ppl_buckets} must be positive and increasing; set it on the "
                 "command line, e.g. 'eval.ppl_buckets=[64,256,512]' (or [] for none)"
+            )
+        if any(not isinstance(n, int) or n < LONG_MIN for n in self.long) or sorted(set(self.long)) != list(self.long):
+            raise ValueError(
+                f"eval.long={list(self.long)} must be increasing context lengths of at least {LONG_MIN} "
+                "tokens; set it on the command line, e.g. 'eval.long=[1024,2048,4096]' (or [] for none)"
+            )
+        for task in self.long_tasks:
+            _choice("eval.long_tasks", task, RULER_TASKS)
+            if self.local and task in RULER_ONLINE:
+                raise ValueError(
+                    f"eval.long_tasks: {task} reads {RULER_ONLINE[task]}, which eval.local=true does not "
+                    f"reach; drop it (the offline ones: {', '.join(RULER_OFFLINE)}) or set eval.local=false"
+                )
+        _positive("eval.long_samples", self.long_samples, example=50)
+        _positive("eval.long_ppl_tokens", self.long_ppl_tokens, allow_zero=True, example=32768)
+        _positive("eval.long_ppl_len", self.long_ppl_len, example=8192)
+        window = self.long_ppl_len or max(self.long, default=0)
+        if self.long and 0 < self.long_ppl_tokens < window:
+            raise ValueError(
+                f"eval.long_ppl_tokens={self.long_ppl_tokens} is less than one {window}-token window "
+                "(eval.long_ppl_len, else max(eval.long)), so the long positions would hold no token; set "
+                f"eval.long_ppl_tokens={4 * window} (or 0 to skip the loss by position)"
             )
 
 

@@ -75,7 +75,7 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
             )
     for r in rows:
         if r.get("by_position"):
-            lines += ["", *position_table(r["by_position"], r["task"])]
+            lines += ["", *position_table(r["by_position"], r["task"]), "", STRIDE_NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -97,22 +97,28 @@ def position_table(by_position: dict[str, list[dict[str, Any]]], task: str) -> l
         cells += [f"{v:.4f}" if v is not None else "–" for v in nll]
         cells += [f"{math.exp(v):.4g}" if v is not None else "–" for v in nll]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "(With eval.ppl_stride < eval.ppl_seq_len only the first window scores positions below "
-              "seq_len - stride, so those buckets hold other text than the later ones; compare teacher and "
-              "converted within a bucket, or set eval.ppl_stride=eval.ppl_seq_len for the same text in every bucket.)"]  # fmt: skip
     return lines
+
+
+STRIDE_NOTE = ("(With eval.ppl_stride < eval.ppl_seq_len only the first window scores positions below "
+               "seq_len - stride, so those buckets hold other text than the later ones; compare teacher and "
+               "converted within a bucket, or set eval.ppl_stride=eval.ppl_seq_len for the same text in every bucket.)")  # fmt: skip
 
 
 def position_chart(by_position: dict[str, list[dict[str, Any]]], path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
-    for side, buckets in by_position.items():
-        ax.plot([bucket_label(b) for b in buckets], [b["nll"] for b in buckets], marker="o", label=side)
-    ax.set(xlabel="position in the window (tokens of context)", ylabel="mean next-token loss (nats)", title=title)
-    ax.legend()
+    draw_positions(ax, by_position, title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def draw_positions(ax, by_position: dict[str, list[dict[str, Any]]], title: str) -> None:
+    for side, buckets in by_position.items():
+        ax.plot([bucket_label(b) for b in buckets], [b["nll"] for b in buckets], marker="o", label=side)
+    ax.set(xlabel="position in the window (tokens of context)", ylabel="mean next-token loss (nats)", title=title)
+    ax.legend()
 
 
 def bar_chart(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
@@ -125,23 +131,107 @@ def bar_chart(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
         ax.bar([x + 0.2 for x in xs], [r.get("converted", 0.0) for r in scored], width=0.4, label="converted")
     ax.set_xticks(list(xs), [f"{r['task']}\n({r['metric']})" for r in scored], fontsize=8)
     ax.set(ylabel="score", title=title, ylim=(0, 1))
-    ax.legend()
+    if scored:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def write_report(rows: list[dict[str, Any]], out_dir: Path, title: str, meta: dict[str, Any]) -> str:
-    """``report.md``, ``report.json`` and ``report.png`` in ``out_dir``; returns the markdown."""
+def compare_long(teacher: Optional[dict[str, Any]], converted: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The long-context section (:func:`linearize.evaluate.long.long_score` of each side): one
+    RULER row per task and length plus each length's mean over the tasks, each model's value and
+    the share kept; the loss by position of both sides."""
+    sides = {side: v for side, v in (("teacher", teacher), ("converted", converted)) if v}
+    ruler = {side: v.get("ruler", {}) for side, v in sides.items()}
+    lengths = list(dict.fromkeys(n for v in sides.values() for n in v["lengths"]))
+    tasks = list(dict.fromkeys(t for r in ruler.values() for t in r))
+    rows = []
+    for task in tasks:
+        for n in lengths:
+            row: dict[str, Any] = {"task": task, "length": n, "metric": "recall"}
+            for side, r in ruler.items():
+                found = r.get(task, {}).get(str(n))
+                if found is not None:
+                    row[side], row["n"] = found["value"], found["n"]
+            rows.append(_with_share(row))
+    for n in lengths:
+        at = [r for r in rows if r["length"] == n]
+        mean: dict[str, Any] = {"task": "mean", "length": n, "metric": "recall"}
+        for side in sides:
+            if at and all(side in r for r in at):
+                mean[side] = sum(r[side] for r in at) / len(at)
+        rows.append(_with_share(mean))
+    position = {side: v["position"] for side, v in sides.items() if "position" in v}
+    skipped = next((p["skipped"] for p in position.values() if "skipped" in p), None)
+    by_position = {side: p["by_position"] for side, p in position.items() if "by_position" in p}
+    window = next((p["seq_len"] for p in position.values() if "seq_len" in p), None)
+    return {"lengths": lengths, "ruler": rows, "by_position": {} if skipped else by_position,
+            "position_skipped": skipped, "window": window}  # fmt: skip
+
+
+def long_markdown(long: dict[str, Any]) -> str:
+    def fmt(value, pct=False):
+        if value is None:
+            return "–"
+        return f"{100 * value:.1f}%" if pct else f"{value:.3f}"
+
+    lines = ["### Recall and long context", ""]
+    if long["ruler"]:
+        lines += ["RULER (lm-eval), greedy answers; recall = share of the expected strings found in the answer.",
+                  "", "| task | length | samples | teacher | converted | kept |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in long["ruler"]:
+            lines.append(f"| {r['task']} | {r['length']} | {r.get('n', '–')} | {fmt(r.get('teacher'))} | "
+                         f"{fmt(r.get('converted'))} | {fmt(r.get('share'), pct=True)} |")  # fmt: skip
+    if long["position_skipped"]:
+        lines += ["", f"Loss by position: skipped: {long['position_skipped']}"]
+    elif long["by_position"]:
+        task = f"WikiText-2 in disjoint {long['window']}-token windows"
+        lines += ["", *position_table(long["by_position"], task)]
+    return "\n".join(lines) + "\n"
+
+
+def long_chart(long: dict[str, Any], path: Path, title: str) -> Path:
+    """Recall by length (each task thin, the mean thick; teacher solid, converted dashed) beside
+    the loss by position in the longest windows."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"teacher": "-", "converted": "--"}
+    for i, task in enumerate(dict.fromkeys(r["task"] for r in long["ruler"])):
+        at = [r for r in long["ruler"] if r["task"] == task]
+        for side, style in styles.items():
+            if all(side in r for r in at):
+                left.plot([r["length"] for r in at], [r[side] for r in at], style, marker="o", color=f"C{i}",
+                          linewidth=3 if task == "mean" else 1, label=f"{task} ({side})")  # fmt: skip
+    left.set_xscale("log", base=2)
+    left.set_xticks(long["lengths"], [str(n) for n in long["lengths"]])
+    left.set(xlabel="context length (tokens)", ylabel="RULER recall", ylim=(-0.02, 1.02), title="recall by length")
+    if long["ruler"]:
+        left.legend(fontsize=6)
+    if long["by_position"]:
+        draw_positions(right, long["by_position"], "loss by position (long windows)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(rows: list[dict[str, Any]], out_dir: Path, title: str, meta: dict[str, Any],
+                 long: Optional[dict[str, Any]] = None) -> str:
+    """``report.md``, ``report.json`` and ``report.png`` in ``out_dir`` (and ``long.png`` with the
+    long-context section, :func:`compare_long`'s result); returns the markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, title)
+    if long:
+        text += "\n" + long_markdown(long)
+        long_chart(long, out_dir / "long.png", title)
     layers = meta.get("layers")
     if layers:
         text += (f"\nConverted attention layers: {layers['converted']}; kept as the teacher's own: "
                  f"{layers['kept'] or 'none'}.\n")  # fmt: skip
     (out_dir / "report.md").write_text(text)
-    (out_dir / "report.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out_dir / "report.json").write_text(json.dumps({"meta": meta, "rows": rows, **({"long": long} if long else {})}, indent=1))
     bar_chart(rows, out_dir / "report.png", title)
     for r in rows:
         if r.get("by_position"):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from linearize.evaluate.report import compare, write_report
+from linearize.evaluate.long import RulerSamples, check_lengths, long_score
+from linearize.evaluate.report import compare, compare_long, write_report
 from linearize.evaluate.score import score
 from linearize.fingerprint import check_chain, converted_source, stage_fingerprint
 from linearize.log import get_logger
@@ -28,21 +29,31 @@ def run(prepared: Prepared) -> Path:
     else:
         check_chain(source)
     fingerprint = stage_fingerprint(cfg, "eval")
-    teacher_scores = score(prepared.teacher, prepared.tokenizer, cfg) if cfg.eval.teacher or source is None else None
-    converted_scores = None
+    with_teacher = cfg.eval.teacher or source is None
+    if cfg.eval.long:
+        check_lengths(prepared.teacher, cfg.eval)  # before any scoring
+    samples = RulerSamples(prepared.tokenizer, list(cfg.eval.long_tasks)) if cfg.eval.long else None
+    teacher_scores = teacher_long = converted_scores = converted_long = None
+    if with_teacher:  # first: apply_converted swaps the teacher in place
+        teacher_scores = score(prepared.teacher, prepared.tokenizer, cfg)
+        if samples:
+            teacher_long = long_score(prepared.teacher, prepared.tokenizer, cfg, samples)
     if source is not None:
         model = apply_converted(prepared.teacher, source, seed=cfg.run.seed)
         converted_scores = score(model, prepared.tokenizer, cfg)
+        if samples:
+            converted_long = long_score(model, prepared.tokenizer, cfg, samples)
     rows = compare(teacher_scores, converted_scores)
+    long = compare_long(teacher_long, converted_long) if samples else None
     title = f"{cfg.model.name}: teacher vs {source.name if source else 'none'} ({cfg.attention.name})"
     meta = {"model": cfg.model.name, "converted": str(source) if source else None, "limit": cfg.eval.limit,
             "task_limits": dict(cfg.eval.task_limits), "tasks": list(cfg.eval.tasks),
-            "ppl_tokens": cfg.eval.ppl_tokens,
+            "ppl_tokens": cfg.eval.ppl_tokens, "long": list(cfg.eval.long), "long_samples": cfg.eval.long_samples,
             "layers": read_manifest(source).get("layers") if source else None}  # fmt: skip
     written = {}
 
     def write(tmp: Path) -> None:
-        written["text"] = write_report(rows, tmp, title, meta)
+        written["text"] = write_report(rows, tmp, title, meta, long)
         write_manifest(tmp, {"stage": "eval"}, fingerprint)
 
     out_dir = publish(run_dir, "eval", write)
