@@ -19,6 +19,7 @@ from linearize.models.load import load_teacher
 from linearize.stages.eval import run as run_eval
 from linearize.stages.export import run as run_export
 from linearize.stages.finetune import run as run_finetune
+from linearize.stages.preflight import check_eval
 from linearize.stages.prepare import prepare
 from tests.conftest import build_config, compose_config, data_root
 
@@ -70,6 +71,19 @@ def test_online_tasks_run_only_off_local():
     assert list(cfg.eval.long_tasks) == ["niah_single_2"]
     assert list(build_config("model=tiny-llama").eval.long_tasks) == list(RULER_OFFLINE)
     assert list(build_config("model=tiny-llama").eval.long) == []  # off by default
+
+
+def test_long_alone_passes_preflight():
+    """eval.long with no short task and no short perplexity reads no task files: nothing to
+    refuse (RULER builds its data; the loss by position reads WikiText-2, which is there)."""
+    cfg = build_config("model=tiny-llama", f"data_dir={data_root()}", "stage=eval", "eval.tasks=[]", "eval.ppl_tokens=0",
+                       "eval.long=[1024]")  # fmt: skip
+    check_eval(cfg)
+    check_eval(build_config("model=tiny-llama", f"data_dir={data_root()}", "stage=eval", "eval.tasks=[]",
+                            "eval.ppl_tokens=0", "eval.long=[1024]", "eval.long_ppl_tokens=0"))  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="no evaluation data"):
+        check_eval(build_config("model=tiny-llama", "data_dir=/nonexistent", "stage=eval", "eval.tasks=[]",
+                                "eval.ppl_tokens=0", "eval.long=[1024]"))  # fmt: skip
 
 
 def test_a_length_over_the_context_is_refused_before_scoring(tmp_path):

@@ -242,9 +242,9 @@ def check_eval(config: Config) -> None:
         return
     missing = {task: missing_data(task, config.data_dir) for task in config.eval.tasks}
     wikitext = Path(config.data_dir).expanduser() / "eval" / "wikitext2" / "wiki.test.raw"
-    if config.eval.ppl_tokens != 0:
+    if config.eval.ppl_tokens != 0 or (config.eval.long and config.eval.long_ppl_tokens):
         missing["wikitext2"] = [] if wikitext.is_file() else [wikitext]
-    if all(missing.values()):
+    if missing and all(missing.values()):  # RULER (eval.long_tasks) builds its data: no files
         first = next(iter(missing.values()))[0]
         raise FileNotFoundError(
             f"no evaluation data under data_dir={config.data_dir!r} (e.g. {str(first)!r} is missing): "
