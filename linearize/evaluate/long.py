@@ -100,7 +100,11 @@ def ruler(model, samples: RulerSamples, lengths: list[int], *, limit: int, batch
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=samples.tokenizer, batch_size=batch_size, max_length=max(lengths))
+    # No max_length: the harness then takes the model's context (max_position_embeddings). The
+    # samples are sized to the length with the answer's room, but the answer prefix the task adds
+    # (gen_prefix, ~15 tokens) is not counted: a max_length of the length itself would cut the
+    # instruction off the front of the longest prompts.
+    lm = HFLM(pretrained=model, tokenizer=samples.tokenizer, batch_size=batch_size)
     scores: dict[str, dict] = {task: {} for task in samples.tasks}
     for length in lengths:
         built, manager = samples.at(length)
