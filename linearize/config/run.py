@@ -121,8 +121,8 @@ class EvalConfig:
     converted model, in the report and ``position.png``); ``[]`` turns it off."""
     long: list[int] = field(default_factory=list)
     """Context lengths of the long-context evaluation, e.g. ``[1024,2048,4096]``: lm-eval's RULER
-    tasks (``long_tasks``) at each length, and the WikiText-2 loss by position in windows of the
-    longest (``long_ppl_tokens``). ``[]`` (the default) skips it: it costs minutes per length."""
+    tasks (``long_tasks``) at each length, and the WikiText-2 loss by position in long windows
+    (``long_ppl_len``). ``[]`` (the default) skips it: it costs minutes per length."""
     long_tasks: list[str] = field(default_factory=lambda: list(RULER_OFFLINE))
     """RULER tasks scored at each ``long`` length (the ones that build their data offline)."""
     long_samples: int = 50

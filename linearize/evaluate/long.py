@@ -112,11 +112,15 @@ def ruler(model, samples: RulerSamples, lengths: list[int], *, limit: int, batch
         results = lm_eval.simple_evaluate(model=lm, tasks=built, limit=limit, task_manager=manager, log_samples=False)
         for task in samples.tasks:
             row = results["results"][task]
+            n = int(results["n-samples"][task]["effective"])
+            if n == 0 or row[f"{length},none"] < 0:  # the harness's -1: no sample of this length
+                raise RuntimeError(f"RULER task {task} scored no sample at {length} tokens; the figure would be "
+                                   "the harness's placeholder -1")  # fmt: skip
             stderr = row.get(f"{length}_stderr,none")
             scores[task][str(length)] = found = {
                 "value": float(row[f"{length},none"]),
                 "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-                "n": int(results["n-samples"][task]["effective"]),
+                "n": n,
             }
             log.info("%s @ %d: %.3f (n=%d)", task, length, found["value"], found["n"])
     return scores
