@@ -4,18 +4,14 @@ position in long disjoint windows, the report section, and the refusals before a
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 
 from linearize.config import RULER_OFFLINE, RULER_TASKS, validate
 from linearize.evaluate.long import position_edges, ruler_dir
-from linearize.evaluate.perplexity import perplexity, wikitext2_text
-from linearize.models.load import load_teacher
 from linearize.stages.eval import run as run_eval
 from linearize.stages.export import run as run_export
 from linearize.stages.finetune import run as run_finetune
@@ -91,23 +87,6 @@ def test_a_length_over_the_context_is_refused_before_scoring(tmp_path):
     with pytest.raises(ValueError, match=r"\[4096\] tokens, over the model's context of 2048"):
         run_eval(prep)
     assert not (tmp_path / "eval").exists()
-
-
-def test_one_bucket_over_a_disjoint_window_is_the_plain_mean(tokenizer):
-    """In disjoint windows (stride = seq_len) the buckets partition the scored tokens: one bucket
-    over the window gives the plain mean loss, and position_edges' buckets average back to it."""
-    model = load_teacher(build_config("model=tiny-llama").model, cache_dir=build_config().cache_dir,
-                         device=torch.device("cpu"))  # fmt: skip
-    text = wikitext2_text(data_root())[:20_000]
-    plain = perplexity(model, tokenizer, text, seq_len=1024, stride=1024, max_tokens=3000)
-    (one,) = perplexity(model, tokenizer, text, seq_len=1024, stride=1024, max_tokens=3000, buckets=[1024])["by_position"]
-    assert one["tokens"] == plain["tokens"] and math.isclose(one["nll"], plain["nll"], rel_tol=1e-9)
-    split = perplexity(model, tokenizer, text, seq_len=1024, stride=1024, max_tokens=3000, buckets=position_edges(1024))
-    buckets = split["by_position"]
-    assert [b["from"] for b in buckets] == [0, 64, 256]
-    assert sum(b["tokens"] for b in buckets) == plain["tokens"]
-    mean = sum(b["nll"] * b["tokens"] for b in buckets) / plain["tokens"]
-    assert math.isclose(mean, plain["nll"], rel_tol=1e-9)
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
-from linearize.evaluate.perplexity import perplexity
+from linearize.evaluate.long import position_edges
+from linearize.evaluate.perplexity import perplexity, wikitext2_text
 from linearize.evaluate.report import compare, write_report
 from linearize.models.load import load_teacher
-from tests.conftest import build_config
+from tests.conftest import build_config, data_root
 
 TEXT = " ".join(f"word{i % 37} and then some more text number {i}." for i in range(120))
 
@@ -82,3 +83,19 @@ def test_compare_positions_tables_runs_and_refuses_other_buckets(tmp_path):
     assert "| 0–64 | 63 | 2.0000 | 3.0000 | 7.39 | 20.09 |" in out and (tmp_path / "p.png").is_file()
     bad = subprocess.run([*script, str(tmp_path / "t"), str(tmp_path / "other")], capture_output=True, text=True)
     assert bad.returncode != 0 and "other position buckets" in bad.stderr
+
+
+def test_one_bucket_over_a_disjoint_window_is_the_plain_mean(model_and_tokenizer):
+    """In disjoint windows (stride = seq_len) the buckets partition the scored tokens: one bucket
+    over the window gives the plain mean loss, and position_edges' buckets average back to it."""
+    model, tokenizer = model_and_tokenizer
+    text = wikitext2_text(data_root())[:20_000]
+    plain = perplexity(model, tokenizer, text, seq_len=1024, stride=1024, max_tokens=3000)
+    (one,) = perplexity(model, tokenizer, text, seq_len=1024, stride=1024, max_tokens=3000, buckets=[1024])["by_position"]
+    assert one["tokens"] == plain["tokens"] and math.isclose(one["nll"], plain["nll"], rel_tol=1e-9)
+    split = perplexity(model, tokenizer, text, seq_len=1024, stride=1024, max_tokens=3000, buckets=position_edges(1024))
+    buckets = split["by_position"]
+    assert [b["from"] for b in buckets] == [0, 64, 256]
+    assert sum(b["tokens"] for b in buckets) == plain["tokens"]
+    mean = sum(b["nll"] * b["tokens"] for b in buckets) / plain["tokens"]
+    assert math.isclose(mean, plain["nll"], rel_tol=1e-9)

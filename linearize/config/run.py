@@ -133,6 +133,12 @@ class EvalConfig:
     """Tokens per window of that loss by position (disjoint windows, so every position bucket sees
     the same text mix); ``None``: ``max(long)``. E.g. 8192, a SmolLM2's whole context."""
 
+    @property
+    def long_window(self) -> int:
+        """Tokens per window of the long loss by position: ``long_ppl_len``, else ``max(long)``
+        (0 without ``long``)."""
+        return self.long_ppl_len or max(self.long, default=0)
+
     def __post_init__(self) -> None:
         _finite("eval", self)
         _positive("eval.limit", self.limit)
@@ -173,7 +179,7 @@ class EvalConfig:
         _positive("eval.long_samples", self.long_samples, example=50)
         _positive("eval.long_ppl_tokens", self.long_ppl_tokens, allow_zero=True, example=32768)
         _positive("eval.long_ppl_len", self.long_ppl_len, example=8192)
-        window = self.long_ppl_len or max(self.long, default=0)
+        window = self.long_window
         if self.long and 0 < self.long_ppl_tokens < window:
             raise ValueError(
                 f"eval.long_ppl_tokens={self.long_ppl_tokens} is less than one {window}-token window "

@@ -131,8 +131,7 @@ def long_score(model, tokenizer, cfg, samples: RulerSamples) -> dict[str, Any]:
     :func:`~linearize.evaluate.perplexity.perplexity`'s result in disjoint windows of
     ``eval.long_ppl_len`` tokens, with that ``seq_len``; or ``{"skipped": reason}``)."""
     e = cfg.eval
-    lengths = list(e.long)
-    check_lengths(model, e)
+    lengths = list(e.long)  # checked against the model's context by the caller (check_lengths)
     out: dict[str, Any] = {"lengths": lengths}
     if e.long_tasks:
         out["ruler"] = ruler(model, samples, lengths, limit=e.long_samples, batch_size=e.batch_size)
@@ -142,7 +141,7 @@ def long_score(model, tokenizer, cfg, samples: RulerSamples) -> dict[str, Any]:
         except FileNotFoundError as err:
             out["position"] = {"skipped": f"local data missing: {err}"}
         else:
-            n = e.long_ppl_len or max(lengths)
+            n = e.long_window
             found = perplexity(model, tokenizer, text, seq_len=n, stride=n, max_tokens=e.long_ppl_tokens,
                                buckets=position_edges(n))  # fmt: skip
             out["position"] = {**found, "seq_len": n}

@@ -37,12 +37,18 @@ def compare(teacher: Optional[dict[str, Any]], converted: Optional[dict[str, Any
         rows.append(_with_share(row))
     scored = [r for r in rows if "metric" in r and r["metric"] != "ppl"]
     if scored:
-        avg: dict[str, Any] = {"task": "average", "metric": "mean score"}
-        for side in sides:
-            if all(side in r for r in scored):
-                avg[side] = sum(r[side] for r in scored) / len(scored)
-        rows.append(_with_share(avg))
+        rows.append(_mean_row(scored, sides, task="average", metric="mean score"))
     return rows
+
+
+def _mean_row(rows: list[dict[str, Any]], sides, **fields: Any) -> dict[str, Any]:
+    """``fields`` plus each side's mean over ``rows`` (for the sides every row has), with the
+    difference and share kept."""
+    mean: dict[str, Any] = dict(fields)
+    for side in sides:
+        if all(side in r for r in rows):
+            mean[side] = sum(r[side] for r in rows) / len(rows)
+    return _with_share(mean)
 
 
 def _with_share(row: dict[str, Any]) -> dict[str, Any]:
@@ -58,20 +64,22 @@ def _with_share(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def markdown(rows: list[dict[str, Any]], title: str) -> str:
-    def fmt(value, pct=False):
-        if value is None:
-            return "–"
-        return f"{100 * value:.1f}%" if pct else f"{value:.4g}"
+def _cell(value: Optional[float], pct: bool = False, spec: str = ".4g") -> str:
+    """A table cell: "–" for no value, a percentage, or the value in ``spec``."""
+    if value is None:
+        return "–"
+    return f"{100 * value:.1f}%" if pct else format(value, spec)
 
+
+def markdown(rows: list[dict[str, Any]], title: str) -> str:
     lines = [f"### {title}", "", "| task | metric | teacher | converted | difference | kept |", "|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['task']} | skipped: {r['skipped']} | | | | |")
         else:
             lines.append(
-                f"| {r['task']} | {r['metric']} | {fmt(r.get('teacher'))} | {fmt(r.get('converted'))} | "
-                f"{fmt(r.get('difference'))} | {fmt(r.get('share'), pct=True)} |"
+                f"| {r['task']} | {r['metric']} | {_cell(r.get('teacher'))} | {_cell(r.get('converted'))} | "
+                f"{_cell(r.get('difference'))} | {_cell(r.get('share'), pct=True)} |"
             )
     for r in rows:
         if r.get("by_position"):
@@ -158,11 +166,8 @@ def compare_long(teacher: Optional[dict[str, Any]], converted: Optional[dict[str
             rows.append(_with_share(row))
     for n in lengths:
         at = [r for r in rows if r["length"] == n]
-        mean: dict[str, Any] = {"task": "mean", "length": n, "metric": "recall"}
-        for side in sides:
-            if at and all(side in r for r in at):
-                mean[side] = sum(r[side] for r in at) / len(at)
-        rows.append(_with_share(mean))
+        if at:
+            rows.append(_mean_row(at, sides, task="mean", length=n, metric="recall"))
     position = {side: v["position"] for side, v in sides.items() if "position" in v}
     skipped = next((p["skipped"] for p in position.values() if "skipped" in p), None)
     by_position = {side: p["by_position"] for side, p in position.items() if "by_position" in p}
@@ -172,18 +177,13 @@ def compare_long(teacher: Optional[dict[str, Any]], converted: Optional[dict[str
 
 
 def long_markdown(long: dict[str, Any]) -> str:
-    def fmt(value, pct=False):
-        if value is None:
-            return "–"
-        return f"{100 * value:.1f}%" if pct else f"{value:.3f}"
-
     lines = ["### Recall and long context", ""]
     if long["ruler"]:
         lines += ["RULER (lm-eval), greedy answers; recall = share of the expected strings found in the answer.",
                   "", "| task | length | samples | teacher | converted | kept |", "|---|---|---|---|---|---|"]  # fmt: skip
         for r in long["ruler"]:
-            lines.append(f"| {r['task']} | {r['length']} | {r.get('n', '–')} | {fmt(r.get('teacher'))} | "
-                         f"{fmt(r.get('converted'))} | {fmt(r.get('share'), pct=True)} |")  # fmt: skip
+            lines.append(f"| {r['task']} | {r['length']} | {r.get('n', '–')} | {_cell(r.get('teacher'), spec='.3f')} | "
+                         f"{_cell(r.get('converted'), spec='.3f')} | {_cell(r.get('share'), pct=True)} |")  # fmt: skip
     if long["position_skipped"]:
         lines += ["", f"Loss by position: skipped: {long['position_skipped']}"]
     elif long["by_position"]:
