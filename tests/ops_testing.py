@@ -132,6 +132,21 @@ def gated_leaves(t, heads, gate, f=16):
     }
 
 
+def delta_leaves(t, heads, gated, f=16):
+    """Delta-rule inputs as its mixer gives them: unit-norm keys (and queries), β in (0, 1),
+    per-head log decays when gated (None otherwise, DeltaNet)."""
+    h, hk = HEADS[heads]
+    x = {
+        "q": leaf(F.normalize(torch.randn(B, h, t, f).double(), dim=-1)),
+        "k": leaf(F.normalize(torch.randn(B, hk, t, f).double(), dim=-1)),
+        "v": leaf(torch.randn(B, hk, t, D)),
+        "beta": leaf(torch.rand(B, hk, t)),
+    }
+    if gated:
+        x["g"] = leaf(F.logsigmoid(torch.randn(B, hk, t) + 2))
+    return x
+
+
 def split_impls(chunked, step, split, static=(), **kw):
     """One chunked call; two chunked calls passing the state; a chunked prefill then a step loop.
 

@@ -16,13 +16,14 @@ from linearize.config import FEATURE_MAPS as CONFIG_FEATURE_MAPS
 from linearize.models.load import load_teacher
 from linearize.attention.hooks import attention_layers, set_mode
 from linearize.models.swap import swap_attention
+from linearize.ops.delta.reference import delta_attn_recurrent
 from linearize.ops.gated.reference import gated_attn_quadratic
 from linearize.ops.linear.reference import linear_attn_quadratic, linear_attn_step
 from linearize.ops.softmax.reference import softmax_attn
 from linearize.ops.window.reference import window_attn_quadratic, window_attn_step
 from tests.conftest import build_config
 
-ATTENTIONS = ("lolcats", "hedgehog", "t2r", "elu", "relu", "liger")
+ATTENTIONS = ("lolcats", "hedgehog", "t2r", "elu", "relu", "liger", "deltanet", "gated_deltanet")
 CPU = torch.device("cpu")
 
 
@@ -64,6 +65,11 @@ def quadratic(mixer, p: Projected):
             window_factor=torch.sigmoid(mixer.window_factor), scale=p.scale, eps=lin.eps, sinks=mixer.sinks,
         )  # fmt: skip
     fq, fk = mixer.feature_q(p.q), mixer.feature_k(p.k)
+    if hasattr(mixer, "rates_of"):  # the delta rule: its recurrence is the definition
+        y = delta_attn_recurrent(F.normalize(fq, dim=-1), F.normalize(fk, dim=-1), p.v, *mixer.rates_of(p.k_pre))
+        if mixer.window == 0:
+            return y
+        return mixer.mix * y + (1 - mixer.mix) * softmax_attn(p.q, p.k, p.v, scale=p.scale, window=mixer.window)
     if hasattr(mixer, "gate"):
         y = gated_attn_quadratic(fq, fk, p.v, mixer.gate(p.k_pre), scale=p.scale)
         if mixer.window == 0:
@@ -108,11 +114,16 @@ SHAPES = [
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"T{s['t']}-H{s['h']}-KV{s['h_kv']}")
-@pytest.mark.parametrize("name", ATTENTIONS + ("liger-gla", "lolcats-w0", "hedgehog-f12", "lolcats-sinks"))
+@pytest.mark.parametrize(
+    "name", ATTENTIONS + ("liger-gla", "lolcats-w0", "hedgehog-f12", "lolcats-sinks", "deltanet-win",
+                          "gated_deltanet-win", "gated_deltanet-key")
+)  # fmt: skip
 def test_module_chunked_equals_quadratic_forward_and_grads(name, shape):
     base, _, variant = name.partition("-")
-    window = 0 if variant in ("w0", "gla") else min(attention_cfg(base).window, 8)
+    window = 0 if variant in ("w0", "gla") else 8 if variant == "win" else min(attention_cfg(base).window, 8)
     extra = dict(feature_dim=12) if variant == "f12" else dict(sinks=4) if variant == "sinks" else {}
+    if variant == "key":
+        extra["delta_rates"] = "key"
     if base == "lolcats" and variant != "sinks":
         extra["sinks"] = 0  # the published hybrid (the default has 4: the sinks variant)
     cfg = attention_cfg(base, chunk_size=16, window=window, **extra)

@@ -31,7 +31,7 @@ def test_help_lists_groups_and_options():
     for line in (
         "stage: all, eval, export, finetune, generate, prepare, transfer, uptrain",
         "adapter: dora, fourierft, lora, olora, pissa, vera",
-        "attention: elu, hedgehog, liger, lolcats, relu, softmax, supra, t2r",
+        "attention: deltanet, elu, gated_deltanet, hedgehog, liger, lolcats, relu, softmax, supra, t2r",
         "data: alpaca-clean, alpaca-local, text",
         "accelerate: ddp, fsdp, fsdp-cpu, multinode, single",
         "recipe: liger, lolcats, supra",

@@ -33,6 +33,8 @@ VARIANTS = {
     "liger": ("attention=liger", "attention.window=4"),
     "liger-no-window": ("attention=liger", "attention.window=0"),
     "supra": ("attention=supra",),
+    "deltanet": ("attention=deltanet",),
+    "gated_deltanet+window": ("attention=gated_deltanet", "attention.window=4"),
 }
 
 
@@ -79,7 +81,7 @@ def test_decoding_state_does_not_grow_with_context(variant):
     assert sizes[16] == sizes[64] == sizes[256] > 0, sizes
 
 
-@pytest.mark.parametrize("variant", ["lolcats", "lolcats+softmax0", "liger"])
+@pytest.mark.parametrize("variant", ["lolcats", "lolcats+softmax0", "liger", "gated_deltanet+window"])
 def test_generate_decodes_with_the_recurrent_state_by_default(variant):
     model = converted(*VARIANTS[variant])
     prompt = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(2))

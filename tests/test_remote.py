@@ -70,11 +70,14 @@ def test_merged_export_loads_with_transformers_alone(tmp_path):
     torch.testing.assert_close(remote_logits(out, x, tmp_path), want, rtol=1e-5, atol=1e-5)
 
 
-def test_deltas_over_a_local_teacher_load_with_transformers_alone(tmp_path):
+@pytest.mark.parametrize("attention", ["lolcats", "gated_deltanet"])  # each kind's math travels in the file
+def test_deltas_over_a_local_teacher_load_with_transformers_alone(tmp_path, attention):
     prep = prepared(tmp_path)
     teacher_dir = tmp_path / "teacher"
     prep.teacher.save_pretrained(teacher_dir)
     local = replace(prep.config.model, init="pretrained", path=str(teacher_dir), tokenizer=None)
+    if attention != "lolcats":  # the delta rule beside a window
+        prep.config.attention = validate(compose_config("model=tiny-llama", f"attention={attention}", "attention.window=8")).attention
     swap_attention(prep.teacher, prep.config.attention)
     model = build_adapter(prep.teacher, prep.config.adapter)
     with torch.no_grad():

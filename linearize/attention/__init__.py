@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from linearize.attention.delta import DeltaAttention
 from linearize.attention.gated import GatedAttention
 from linearize.attention.layer import Linearized
 from linearize.attention.linear import LinearAttention
@@ -18,7 +19,7 @@ from linearize.config import AttentionConfig
 
 MIXERS = {
     "linear": LinearAttention, "window": WindowAttention, "gated": GatedAttention,
-    "supra": SupraAttention,
+    "supra": SupraAttention, "delta": DeltaAttention,
 }  # fmt: skip
 
 __all__ = ["MIXERS", "Linearized", "Projected", "build_mixer"]

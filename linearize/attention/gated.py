@@ -22,10 +22,11 @@ from linearize.config import AttentionConfig
 
 
 class LigerState(NamedTuple):
-    """Decoding state of :class:`GatedAttention`.
+    """Decoding state of :class:`GatedAttention` (and of the delta rule's mixer, which pairs its
+    state with a window the same way).
 
     Attributes:
-        S: (B, H, F, D) the GLA state.
+        S: (B, H, F, D) the recurrent state (GLA's, or the delta rule's).
         k: (B, H_kv, W', D) the last W' <= window - 1 raw (rotary-applied) keys, for the
             sliding-window softmax part (W' = 0 when window is 0).
         v: (B, H_kv, W', D) their values.
@@ -34,6 +35,29 @@ class LigerState(NamedTuple):
     S: Tensor
     k: Tensor
     v: Tensor
+
+
+def beside_window(
+    y: Tensor, p: Projected, state: Optional[LigerState], s: Tensor, window: int, mix: float
+) -> tuple[Tensor, LigerState]:
+    """A recurrent output ``y`` over p's tokens mixed with the sliding-window softmax over the
+    last ``window`` keys (``mix · y + (1 - mix) · window``; ``y`` alone when window is 0), and
+    the decoding state: the recurrent state ``s`` and the keys and values a later window reaches."""
+    k, v = p.k, p.v
+    if state is not None:  # keys and values still inside the window, then the new ones
+        k, v = torch.cat([state.k, k], 2), torch.cat([state.v, v], 2)
+    first = max(k.shape[2] - max(window - 1, 0), 0)  # older keys: no later window reaches them
+    new_state = LigerState(s, k[:, :, first:], v[:, :, first:])
+    if window == 0:
+        return y, new_state
+    return mix * y + (1.0 - mix) * ops.softmax_attn(p.q, k, v, scale=p.scale, window=window), new_state
+
+
+def beside_window_full(y: Tensor, p: Projected, window: int, mix: float) -> Tensor:
+    """`beside_window`'s output for a whole sequence (no state kept)."""
+    if window == 0:
+        return y
+    return mix * y + (1.0 - mix) * ops.softmax_attn(p.q, p.k, p.v, scale=p.scale, window=window)
 
 
 class GatedAttention(nn.Module):
@@ -64,22 +88,11 @@ class GatedAttention(nn.Module):
                 fq, fk, p.v, g, scale=p.scale, chunk_size=self.chunk_size, backend=self.backend,
                 initial_state=gla, output_final_state=True,
             )  # fmt: skip
-        k, v = p.k, p.v
-        if state is not None:  # keys and values still inside the window, then the new ones
-            k, v = torch.cat([state.k, k], 2), torch.cat([state.v, v], 2)
-        first = max(k.shape[2] - max(self.window - 1, 0), 0)  # older keys: no later window reaches them
-        new_state = LigerState(gla.S, k[:, :, first:], v[:, :, first:])
-        if self.window == 0:
-            return y, new_state
-        swa = ops.softmax_attn(p.q, k, v, scale=p.scale, window=self.window)
-        return self.mix * y + (1.0 - self.mix) * swa, new_state
+        return beside_window(y, p, state, gla.S, self.window, self.mix)
 
     def forward(self, p: Projected) -> Tensor:
         y = ops.gated_attn(
             self.feature_q(p.q), self.feature_k(p.k), p.v, self.gate(p.k_pre),
             scale=p.scale, chunk_size=self.chunk_size, backend=self.backend,
         )  # fmt: skip
-        if self.window == 0:
-            return y
-        swa = ops.softmax_attn(p.q, p.k, p.v, scale=p.scale, window=self.window)
-        return self.mix * y + (1.0 - self.mix) * swa
+        return beside_window_full(y, p, self.window, self.mix)

@@ -18,6 +18,7 @@ from linearize.config.checks import (
     CONVERT,
     DATA_FORMATS,
     DECAYS,
+    DELTA_RATES,
     DEVICES,
     DTYPES,
     FEATURE_MAPS,
@@ -60,7 +61,7 @@ from linearize.config.schema import (
 )
 
 __all__ = [
-    "ATTENTION_KINDS", "BACKENDS", "CONFIG_DIR", "CONVERT", "DATA_FORMATS", "DECAYS", "DEVICES", "DTYPES",
+    "ATTENTION_KINDS", "BACKENDS", "CONFIG_DIR", "CONVERT", "DATA_FORMATS", "DECAYS", "DELTA_RATES", "DEVICES", "DTYPES",
     "FEATURE_MAPS", "OBJECTIVES", "PIPELINE_STAGES", "RULER_OFFLINE", "RULER_ONLINE",
     "RULER_TASKS", "SCHEDULERS", "SEED_LIMIT", "STAGES", "TRAINABLE", "TRAINED_STAGES",
     "WANDB_MODES", "AdapterConfig", "AttentionConfig", "Config", "DataConfig", "EvalConfig", "ExportConfig",

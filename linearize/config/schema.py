@@ -13,6 +13,7 @@ from linearize.config.checks import (
     CONVERT,
     DATA_FORMATS,
     DECAYS,
+    DELTA_RATES,
     DTYPES,
     FEATURE_MAPS,
     SCHEDULERS,
@@ -81,20 +82,26 @@ class AttentionConfig:
     name: str = MISSING
     kind: str = "softmax"
     """``softmax`` (teacher, no swap), ``linear``, ``window`` (LoLCATs hybrid), ``gated`` (Liger),
-    ``supra`` (ReLU-affine features, fixed decay, GroupNorm)."""
+    ``supra`` (ReLU-affine features, fixed decay, GroupNorm), ``delta`` (DeltaNet's delta rule)."""
     feature_map: str = "identity"
     """Feature map applied to queries and keys (one registry); unused for ``softmax``."""
     feature_dim: int = 64
     """Output width of learned feature maps, per half for hedgehog's [Wx, -Wx]."""
     window: int = 0
-    """Keys per query under exact softmax in the ``window``/``gated`` hybrids (0: linear only)."""
+    """Keys per query under exact softmax in the ``window``/``gated``/``delta`` hybrids (0: linear only)."""
     sinks: int = 0
     """First keys of a sequence kept under the window's exact softmax for every later query
     (``window`` kind; attention sinks: a softmax teacher parks much of its attention there)."""
     window_factor_init: float = -2.197
     """Initial logit of the learned per-head softmax/linear mixing factor (sigmoid⁻¹(0.1))."""
     mix: float = 0.5
-    """Weight of the gated output in the Liger hybrid (the window gets 1 - mix)."""
+    """Weight of the recurrent output in the ``gated`` (Liger) and ``delta`` hybrids (the window
+    gets 1 - mix)."""
+    gated: bool = False
+    """``delta`` kind: Gated DeltaNet's per-token decay α_t of the state (False: DeltaNet, α = 1)."""
+    delta_rates: str = "proj"
+    """``delta`` kind: where the write strength β_t (and α_t) come from: ``proj`` (a new per-head
+    projection of the key) or ``key`` (the key's mean feature, no new parameter)."""
     gate_normalizer: float = 16.0
     """Liger's gate logit normalizer: log-decay = logsigmoid(gate) / gate_normalizer."""
     chunk_size: int = 64
@@ -138,6 +145,12 @@ class AttentionConfig:
         _fraction("attention.mix", self.mix, 0.5, low_open=False, high_open=False)
         _choice("attention.backend", self.backend, BACKENDS)
         _choice("attention.decay", self.decay, DECAYS)
+        _choice("attention.delta_rates", self.delta_rates, DELTA_RATES)
+        if self.gated and self.kind != "delta":
+            raise ValueError(
+                f"attention.gated=true is the delta rule's decay, but attention {self.name!r} has kind={self.kind}: "
+                "use attention=gated_deltanet (or attention.gated=false)"
+            )
         _choice("attention.convert", self.convert, CONVERT)
         if any(i < 0 for i in self.softmax_layers):
             raise ValueError(

@@ -24,6 +24,7 @@ from linearize import config as config_module
 from linearize import ops
 from linearize.attention import (
     cache,
+    delta,
     feature_maps,
     gated,
     hooks,
@@ -36,6 +37,7 @@ from linearize.attention import (
 )
 from linearize.models import attach, probe, swap, trainable
 from linearize.ops import common as ops_common
+from linearize.ops.delta import reference as delta_reference
 from linearize.ops.gated import reference as gated_reference
 from linearize.ops.linear import reference as linear_reference
 from linearize.ops.softmax import reference as softmax_reference
@@ -131,7 +133,7 @@ def _body(module) -> str:
 def _config_part() -> str:
     constants = "\n".join(
         f"{name} = {getattr(config_module, name)!r}"
-        for name in ("ATTENTION_KINDS", "DECAYS", "FEATURE_MAPS", "BACKENDS", "CONVERT", "TRAINABLE")
+        for name in ("ATTENTION_KINDS", "DECAYS", "DELTA_RATES", "FEATURE_MAPS", "BACKENDS", "CONVERT", "TRAINABLE")
     )
     helpers = (config_module._choice, config_module._positive, config_module._fraction, config_module._finite)
     parts = [inspect.getsource(f) for f in helpers]
@@ -147,12 +149,13 @@ def modeling_source() -> str:
         _body(linear_reference), "_linear_reference = types.SimpleNamespace(**globals())",
         _body(window_reference), "_window_reference = types.SimpleNamespace(**globals())",
         _body(gated_reference), "_gated_reference = types.SimpleNamespace(**globals())",
+        _body(delta_reference), "_delta_reference = types.SimpleNamespace(**globals())",
         _body(softmax_reference),
         _config_part(),  # before feature_maps: its FEATURE_MAPS registry replaces the name list
         _body(feature_maps),
         _body(ops), "ops = types.SimpleNamespace(**globals())",
         _body(cache), _body(projected), _body(padding), _body(hooks), _body(layer),
-        _body(linear), _body(window), _body(gated), _body(supra),
+        _body(linear), _body(window), _body(gated), _body(supra), _body(delta),
         _body(__import__("linearize.attention", fromlist=["build_mixer"])),
         _body(probe), _body(trainable), _body(swap), _body(attach),
         _LOADER,

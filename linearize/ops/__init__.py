@@ -2,7 +2,7 @@
 
 Layout everywhere: (B, H, T, D), k/v/gates may carry fewer (KV) heads (see ``common``). Each
 attention kind has its package, ``ops/<kind>/``: its PyTorch reference forms (``reference.py``)
-and its Triton kernels (``triton.py``; softmax has none, SDPA runs it).
+and its Triton kernels (``triton.py``; softmax has none, SDPA runs it; the delta rule has none yet).
 The ``*_weights`` functions give attention weights (dense T x T), for losses on them.
 ``backend``: ``auto`` picks the Triton kernels for CUDA tensors when Triton
 imports, and the PyTorch reference otherwise (saying why once on a GPU); ``reference`` forces
@@ -24,6 +24,8 @@ from torch import Tensor
 from linearize.config import BACKENDS
 from linearize.log import get_logger
 from linearize.ops.common import expand_kv
+from linearize.ops.delta import reference as _delta_reference
+from linearize.ops.delta.reference import DeltaState
 from linearize.ops.gated import reference as _gated_reference
 from linearize.ops.gated.reference import GatedState
 from linearize.ops.linear import reference as _linear_reference
@@ -33,14 +35,15 @@ from linearize.ops.window import reference as _window_reference
 from linearize.ops.window.reference import WindowState, window_attn_weights
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "GatedState", "LinearState", "WindowState", "gated_attn",
-    "gated_attn_step", "linear_attn", "linear_attn_step", "linear_attn_weights", "resolve_backend", "softmax_attn",
+    "BACKENDS", "BackendUnavailableError", "DeltaState", "GatedState", "LinearState", "WindowState", "delta_attn",
+    "delta_attn_step", "gated_attn", "gated_attn_step", "linear_attn", "linear_attn_step", "linear_attn_weights", "resolve_backend", "softmax_attn",
     "softmax_weights", "window_attn", "window_attn_step", "window_attn_weights",
 ]  # fmt: skip
 
 log = get_logger(__name__)
 _said_why: set[str] = set()
 _REFERENCE = {"linear": _linear_reference, "window": _window_reference, "gated": _gated_reference}  # kinds with kernels
+_REFERENCE_ONLY = {"delta": _delta_reference}  # kinds without kernels yet
 
 
 class BackendUnavailableError(NotImplementedError):
@@ -196,6 +199,43 @@ def gated_attn_step(
     """One decoding step of ``gated_attn`` (one token in q, k, v, g)."""
     impl = _step_impl("gated", backend, q.device, q, k, v, g, *(state or ()))
     return impl.gated_attn_step(q, k, v, g, state, scale=scale)
+
+
+def _reference_only(kind: str, backend: str, device: torch.device) -> ModuleType:
+    """The reference forms of a kind that has no Triton kernel yet: ``triton`` is an error,
+    ``auto`` on a GPU says once that it runs PyTorch."""
+    if backend == "triton":
+        raise BackendUnavailableError(
+            f"attention.backend=triton has no kernel for the {kind} kind yet: use attention.backend=auto "
+            "or reference (the PyTorch forms)"
+        )
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "auto" and device.type == "cuda" and kind not in _said_why:
+        _said_why.add(kind)
+        log.warning("attention kind %s has no Triton kernel yet: it runs the PyTorch reference", kind)
+    return _REFERENCE_ONLY[kind]
+
+
+def delta_attn(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *, scale: float = 1.0,
+    chunk_size: int = 64, backend: str = "auto", initial_state: DeltaState | None = None,
+    output_final_state: bool = False,
+) -> Tensor | tuple[Tensor, DeltaState]:  # fmt: skip
+    """The delta rule (DeltaNet; Gated DeltaNet with per-head log decays g):
+    S_t = α_t (I - β_t k_tᵀ k_t) S_{t-1} + β_t k_tᵀ v_t, y_t = scale q_t S_t; see ``delta.reference``."""
+    return _reference_only("delta", backend, q.device).delta_attn_chunked(
+        q, k, v, beta, g, scale=scale, chunk_size=chunk_size, initial_state=initial_state,
+        output_final_state=output_final_state,
+    )  # fmt: skip
+
+
+def delta_attn_step(
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None, state: DeltaState | None, *,
+    scale: float = 1.0, backend: str = "auto",
+) -> tuple[Tensor, DeltaState]:  # fmt: skip
+    """One decoding step of ``delta_attn`` (one token in q, k, v, beta, g)."""
+    return _reference_only("delta", backend, q.device).delta_attn_step(q, k, v, beta, g, state, scale=scale)
 
 
 def softmax_attn(q: Tensor, k: Tensor, v: Tensor, *, scale: float, window: int | None = None) -> Tensor:

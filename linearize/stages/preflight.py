@@ -128,7 +128,7 @@ def check_values(config: Config) -> None:
         peft_config(config.adapter)
     check_objective(config)
     trains_new = stage == "transfer" or (stage == "uptrain" and config.train.trainable == "new")
-    if trains_new and a.kind in ("window", "gated") and a.window >= config.data.seq_len:
+    if trains_new and a.kind in ("window", "gated", "delta") and a.window >= config.data.seq_len:
         raise ValueError(
             f"attention.window={a.window} covers every position of the data.seq_len={config.data.seq_len} "
             f"training rows: the hybrid is exact softmax there and the linear part never sees a key, so "

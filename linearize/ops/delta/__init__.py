@@ -1,0 +1,1 @@
+"""The delta rule (DeltaNet, Gated DeltaNet): `reference` holds its PyTorch forms (the oracle)."""
