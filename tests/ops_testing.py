@@ -28,6 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from linearize.ops.delta.reference import DeltaState
 from linearize.ops.gated.reference import GatedState
 from linearize.ops.linear.reference import LinearState
 from linearize.ops.window.reference import WindowState
@@ -281,10 +282,10 @@ def assert_kernel_close(name, got, want, *, atol=None, rtol=0.0, ratio=None, pea
 
 
 def _leaves(inputs: dict, dtype: torch.dtype) -> dict:
-    """Fresh leaves (states: each field) in dtype; window_factor and gates stay fp32 for bf16."""
+    """Fresh leaves (states: each field) in dtype; window_factor, gates and β stay fp32 for bf16."""
 
     def leaf(name, x):
-        keep = x.dtype if name in ("window_factor", "g") and dtype != torch.float64 else dtype
+        keep = x.dtype if name in ("window_factor", "g", "beta") and dtype != torch.float64 else dtype
         return x.detach().to(DEV, keep).requires_grad_()
 
     out = {}
@@ -355,4 +356,16 @@ def gated_inputs(b, h, h_kv, t, f, d, per_head=False, strength=1.0, state=False)
     )  # fmt: skip
     if state:
         x["initial_state"] = GatedState(torch.randn(b, h, f, d))
+    return x
+
+
+def delta_inputs(b, h, h_kv, t, f, d, gated=True, state=False):
+    x = dict(
+        q=F.normalize(torch.randn(b, h, t, f), dim=-1), k=F.normalize(torch.randn(b, h_kv, t, f), dim=-1),
+        v=torch.randn(b, h_kv, t, d), beta=torch.rand(b, h_kv, t),
+    )  # fmt: skip
+    if gated:
+        x["g"] = F.logsigmoid(torch.randn(b, h_kv, t) + 2)
+    if state:
+        x["initial_state"] = DeltaState(torch.randn(b, h, f, d) * 0.3)
     return x

@@ -29,7 +29,7 @@ if not HAS_TRITON:
 
 _, PROBLEM = import_kernels("linear")
 kernels = kernels_fixture("linear")
-KERNEL_TEST_FILES = [f"tests/test_ops_{kind}.py" for kind in ("dispatch", "gated", "linear", "window")]
+KERNEL_TEST_FILES = [f"tests/test_ops_{kind}.py" for kind in ("dispatch", "delta", "gated", "linear", "window")]
 
 
 @pytest.mark.skipif(PROBLEM is None, reason="the kernels run in this process")
@@ -100,9 +100,11 @@ from triton.compiler import ASTSource, compile
 from triton.runtime.jit import JITFunction
 launches = []
 JITFunction.run = lambda self, *args, grid, warmup, **kw: launches.append((self, args, kw))
+import linearize.ops.delta.triton as delta
 import linearize.ops.gated.triton as gated
 import linearize.ops.linear.triton as linear
 import linearize.ops.window.triton as window
+from linearize.ops.delta.reference import DeltaState
 from linearize.ops.gated.reference import GatedState
 from linearize.ops.linear.reference import LinearState
 B, H, HK, T, F, DK, D, dt = 1, 4, 2, 40, 32, 64, 128, torch.bfloat16
@@ -114,6 +116,9 @@ calls = [
                                      initial_state=GatedState(torch.rand(B, H, F, D))),
     lambda: gated.gated_attn_chunked(q, k, v, -torch.rand(B, HK, T)),
     lambda: window.window_attn_chunked(qq, kk, v, q, k, window=8, window_factor=torch.rand(H), scale=0.1),
+    lambda: delta.delta_attn_chunked(q, k, v, torch.rand(B, HK, T), -torch.rand(B, HK, T),
+                                     initial_state=DeltaState(torch.rand(B, H, F, D))),
+    lambda: delta.delta_attn_chunked(q, k, v, torch.rand(B, HK, T)),
 ]
 for call in calls:
     try:  # the launches are recorded, not run: the backward then reads garbage
@@ -124,6 +129,7 @@ with torch.no_grad():
     one = lambda x: x[:, :, :1]
     linear.linear_attn_step(one(q), one(k), one(v), None)
     gated.gated_attn_step(one(q), one(k), one(v), -torch.rand(B, HK, 1, F), None)
+    delta.delta_attn_step(one(q), one(k), one(v), torch.rand(B, HK, 1), None, None)
     window.window_attn_step(one(qq), one(kk), one(v), one(q), one(k), None, window=4, window_factor=torch.rand(H), scale=0.1)
 names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32"}
 done = set()
@@ -152,4 +158,4 @@ def test_kernels_compile_for_a_gpu():
     cmd = [sys.executable, "-c", _COMPILE]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
-    assert out.stdout.count("compiled") == 15, out.stdout
+    assert out.stdout.count("compiled") == 20, out.stdout

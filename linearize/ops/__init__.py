@@ -2,7 +2,7 @@
 
 Layout everywhere: (B, H, T, D), k/v/gates may carry fewer (KV) heads (see ``common``). Each
 attention kind has its package, ``ops/<kind>/``: its PyTorch reference forms (``reference.py``)
-and its Triton kernels (``triton.py``; softmax has none, SDPA runs it; the delta rule has none yet).
+and its Triton kernels (``triton.py``; softmax has none, SDPA runs it).
 The ``*_weights`` functions give attention weights (dense T x T), for losses on them.
 ``backend``: ``auto`` picks the Triton kernels for CUDA tensors when Triton
 imports, and the PyTorch reference otherwise (saying why once on a GPU); ``reference`` forces
@@ -42,8 +42,9 @@ __all__ = [
 
 log = get_logger(__name__)
 _said_why: set[str] = set()
-_REFERENCE = {"linear": _linear_reference, "window": _window_reference, "gated": _gated_reference}  # kinds with kernels
-_REFERENCE_ONLY = {"delta": _delta_reference}  # kinds without kernels yet
+_REFERENCE = {  # kinds with kernels
+    "linear": _linear_reference, "window": _window_reference, "gated": _gated_reference, "delta": _delta_reference,
+}  # fmt: skip
 
 
 class BackendUnavailableError(NotImplementedError):
@@ -201,22 +202,6 @@ def gated_attn_step(
     return impl.gated_attn_step(q, k, v, g, state, scale=scale)
 
 
-def _reference_only(kind: str, backend: str, device: torch.device) -> ModuleType:
-    """The reference forms of a kind that has no Triton kernel yet: ``triton`` is an error,
-    ``auto`` on a GPU says once that it runs PyTorch."""
-    if backend == "triton":
-        raise BackendUnavailableError(
-            f"attention.backend=triton has no kernel for the {kind} kind yet: use attention.backend=auto "
-            "or reference (the PyTorch forms)"
-        )
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    if backend == "auto" and device.type == "cuda" and kind not in _said_why:
-        _said_why.add(kind)
-        log.warning("attention kind %s has no Triton kernel yet: it runs the PyTorch reference", kind)
-    return _REFERENCE_ONLY[kind]
-
-
 def delta_attn(
     q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor | None = None, *, scale: float = 1.0,
     chunk_size: int = 64, backend: str = "auto", initial_state: DeltaState | None = None,
@@ -224,7 +209,7 @@ def delta_attn(
 ) -> Tensor | tuple[Tensor, DeltaState]:  # fmt: skip
     """The delta rule (DeltaNet; Gated DeltaNet with per-head log decays g):
     S_t = α_t (I - β_t k_tᵀ k_t) S_{t-1} + β_t k_tᵀ v_t, y_t = scale q_t S_t; see ``delta.reference``."""
-    return _reference_only("delta", backend, q.device).delta_attn_chunked(
+    return _impl("delta", backend, q.device).delta_attn_chunked(
         q, k, v, beta, g, scale=scale, chunk_size=chunk_size, initial_state=initial_state,
         output_final_state=output_final_state,
     )  # fmt: skip
@@ -235,7 +220,8 @@ def delta_attn_step(
     scale: float = 1.0, backend: str = "auto",
 ) -> tuple[Tensor, DeltaState]:  # fmt: skip
     """One decoding step of ``delta_attn`` (one token in q, k, v, beta, g)."""
-    return _reference_only("delta", backend, q.device).delta_attn_step(q, k, v, beta, g, state, scale=scale)
+    impl = _step_impl("delta", backend, q.device, q, k, v, beta, g, *(state or ()))
+    return impl.delta_attn_step(q, k, v, beta, g, state, scale=scale)
 
 
 def softmax_attn(q: Tensor, k: Tensor, v: Tensor, *, scale: float, window: int | None = None) -> Tensor:
