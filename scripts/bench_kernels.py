@@ -8,10 +8,11 @@ Rows, all on the same random inputs of shape (--batch, --heads, T, --head-dim), 
 width --feature-dim (non-negative), GQA with --kv-heads:
 
     sdpa-softmax          torch SDPA, causal: the teacher's attention, the cost to beat
-    {linear,window,gated}-triton     our kernels (linearize.ops.<kind>.triton)
-    {linear,window,gated}-reference  the PyTorch reference's chunked forms (linearize.ops.<kind>.reference)
-    fla-linear, fla-gla   flash-linear-attention's chunk_linear_attn / chunk_gla, when `fla`
-                          imports (a note says so otherwise); layout (B, T, H, D), no GQA
+    {linear,window,gated,delta,gated_delta}-triton     our kernels (linearize.ops.<kind>.triton)
+    {linear,window,gated,delta,gated_delta}-reference  the PyTorch reference's chunked forms
+    fla-linear, fla-gla, fla-delta, fla-gated-delta   flash-linear-attention's chunk_linear_attn,
+                          chunk_gla, chunk_delta_rule, chunk_gated_delta_rule, when `fla` imports
+                          (a note says so otherwise); layout (B, T, H, D), no GQA
 
 On CUDA: CUDA-event timing after --warmup calls, median of --repeats; memory is the peak
 allocated above the level before the call (inputs excluded). On CPU: wall clock and resident
@@ -38,13 +39,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchlib import PeakMemory  # noqa: E402
 
 from linearize.ops.common import expand_kv  # noqa: E402
+from linearize.ops.delta import reference as delta_reference  # noqa: E402
 from linearize.ops.gated import reference as gated_reference  # noqa: E402
 from linearize.ops.linear import reference as linear_reference  # noqa: E402
 from linearize.ops.window import reference as window_reference  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MIB = 2**20
-REFERENCE = {"linear": linear_reference, "window": window_reference, "gated": gated_reference}
+REFERENCE = {"linear": linear_reference, "window": window_reference, "gated": gated_reference, "delta": delta_reference}
+# name -> the call of one kind's chunked form: (module, inputs, softmax scale, window) -> output
+CALLS = {
+    "linear": lambda m, x, scale, w: m.linear_attn_chunked(x["fq"], x["fk"], x["v"], chunk_size=64),
+    "window": lambda m, x, scale, w: m.window_attn_chunked(
+        x["q"], x["k"], x["v"], x["fq"], x["fk"], window=w, window_factor=x["window_factor"], scale=scale
+    ),
+    "gated": lambda m, x, scale, w: m.gated_attn_chunked(x["fq"], x["fk"], x["v"], x["g"], scale=scale),
+    "delta": lambda m, x, scale, w: m.delta_attn_chunked(x["uq"], x["uk"], x["v"], x["beta"]),
+    "gated_delta": lambda m, x, scale, w: m.delta_attn_chunked(x["uq"], x["uk"], x["v"], x["beta"], x["gh"]),
+}
+KIND_OF = {"gated_delta": "delta"}  # the ops package of a call, where its name is not it
 
 
 def make_inputs(args, t: int, device: torch.device) -> dict:
@@ -57,11 +70,14 @@ def make_inputs(args, t: int, device: torch.device) -> dict:
         return (fn(x) if fn else x).to(dt).requires_grad_()
 
     feat = lambda x: torch.softmax(x, -1)  # noqa: E731
+    unit = lambda x: F.normalize(x, dim=-1)  # noqa: E731 - the delta rule's keys and queries
     return dict(
         q=leaf(b, h, t, d), k=leaf(b, hk, t, d), v=leaf(b, hk, t, d),
         fq=leaf(b, h, t, f, fn=feat), fk=leaf(b, hk, t, f, fn=feat),
         g=leaf(b, hk, t, f, fn=lambda x: F.logsigmoid(x) / 16),  # Liger's gate scale
         window_factor=torch.full((h,), 0.1, device=device, requires_grad=True),
+        uq=leaf(b, h, t, f, fn=unit), uk=leaf(b, hk, t, f, fn=unit),
+        beta=leaf(b, hk, t, fn=torch.sigmoid), gh=leaf(b, hk, t, fn=lambda x: F.logsigmoid(x + 4)),
     )  # fmt: skip
 
 
@@ -77,18 +93,13 @@ def methods(args, kernels: dict | None) -> tuple[dict, list[str]]:
     }
     impls = [("reference", REFERENCE)] + ([("triton", kernels)] if kernels is not None else [])
     for name, impl in impls:
-        out[f"linear-{name}"] = lambda x, m=impl["linear"]: m.linear_attn_chunked(
-            x["fq"], x["fk"], x["v"], chunk_size=64
-        )
-        out[f"window-{name}"] = lambda x, m=impl["window"]: m.window_attn_chunked(
-            x["q"], x["k"], x["v"], x["fq"], x["fk"], window=w, window_factor=x["window_factor"], scale=scale
-        )
-        out[f"gated-{name}"] = lambda x, m=impl["gated"]: m.gated_attn_chunked(
-            x["fq"], x["fk"], x["v"], x["g"], scale=scale
-        )
+        for kind, call in CALLS.items():
+            out[f"{kind}-{name}"] = lambda x, m=impl[KIND_OF.get(kind, kind)], call=call: call(m, x, scale, w)
     if kernels is None:
         notes.append("Triton rows skipped: on CPU they need TRITON_INTERPRET=1 (the interpreter)")
     try:
+        from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
         from fla.ops.gla import chunk_gla
         from fla.ops.linear_attn import chunk_linear_attn
     except Exception as e:  # noqa: BLE001 - not installed, or no GPU to import onto
@@ -105,6 +116,8 @@ def methods(args, kernels: dict | None) -> tuple[dict, list[str]]:
 
     out["fla-linear"] = fla(chunk_linear_attn, "fq", "fk", "v")
     out["fla-gla"] = fla(chunk_gla, "fq", "fk", "v", "g")
+    out["fla-delta"] = fla(chunk_delta_rule, "uq", "uk", "v", "beta")
+    out["fla-gated-delta"] = fla(chunk_gated_delta_rule, "uq", "uk", "v", "gh", "beta")
     return out, notes
 
 

@@ -39,25 +39,17 @@ from linearize.train.transfer import TransferObjective  # noqa: E402
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="a configs/model name")
-    parser.add_argument("--attention", default="lolcats", help="a configs/attention name")
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. attention.chunk_size=256")
-    args = parser.parse_args()
-
+def compose_config(model: str, attention: str, overrides: list[str]):
+    """The validated run config of ``model=<model> attention=<attention> <overrides>``."""
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        cfg = validate(compose("config", overrides=[f"model={args.model}", f"attention={args.attention}", *args.overrides]))
-    device = resolve_device(args.device)
-    model = load_teacher(cfg.model, cache_dir=cfg.cache_dir, device=device)
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len),
-                        generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip
+        return validate(compose("config", overrides=[f"model={model}", f"attention={attention}", *overrides]))
+
+
+def stage1_cost(cfg, model, ids: torch.Tensor, device: torch.device, repeats: int) -> dict:
+    """Time and peak memory of a teacher forward of ``model`` (unswapped) on ``ids`` and of one
+    stage-1 step after swapping its attention for ``cfg.attention``; medians of ``repeats``.
+    Raises SystemExit when the attention adds no parameter (nothing to train in stage 1)."""
 
     def teacher_forward():
         with torch.no_grad():
@@ -71,7 +63,7 @@ def main() -> None:
     objective = TransferObjective(attention_layers(model), cfg.transfer.mse_weight, cfg.transfer.xent_weight)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        sys.exit(f"attention={args.attention} adds no parameters, so it has no stage-1 step to time (it trains with LoRA)")
+        sys.exit(f"attention={cfg.attention.name} adds no parameters, so it has no stage-1 step to time (it trains with LoRA)")
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
 
     def transfer_step():
@@ -89,19 +81,39 @@ def main() -> None:
         transfer_step()
     # Timed in alternation, so that load from other processes weighs on both alike.
     teacher_times, step_times = [], []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         teacher_times += timed(swapped_teacher_forward, device, 1)
         step_times += timed(transfer_step, device, 1)
-
     t_teacher, t_step = statistics.median(teacher_times), statistics.median(step_times)
-    result = {
-        "model": args.model, "attention": args.attention, "device": str(device),
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "batch": args.batch, "seq_len": args.seq_len,
+    return {
+        "device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(), "batch": ids.shape[0], "seq_len": ids.shape[1],
         "teacher_forward_s": t_teacher, "transfer_step_s": t_step, "time_ratio": t_step / t_teacher,
+        "tokens_per_s": ids.numel() / t_step,
         "teacher_peak_mib": teacher_mem.peak / 2**20, "transfer_peak_mib": step_mem.peak / 2**20,
         "memory_ratio": step_mem.peak / max(teacher_mem.peak, 1),
     }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="a configs/model name")
+    parser.add_argument("--attention", default="lolcats", help="a configs/attention name")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. attention.chunk_size=256")
+    args = parser.parse_args()
+
+    cfg = compose_config(args.model, args.attention, args.overrides)
+    device = resolve_device(args.device)
+    model = load_teacher(cfg.model, cache_dir=cfg.cache_dir, device=device)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len),
+                        generator=torch.Generator().manual_seed(0)).to(device)  # fmt: skip
+    result = {"model": args.model, "attention": args.attention, **stage1_cost(cfg, model, ids, device, args.repeats)}
+    t_teacher, t_step = result["teacher_forward_s"], result["transfer_step_s"]
     print(f"{args.model} / {args.attention}, batch {args.batch} x {args.seq_len} tokens on {result['device_name']}"
           f" ({result['threads']} threads), median of {args.repeats}")  # fmt: skip
     print(f"{'':28}{'teacher fwd':>14}{'stage-1 step':>14}{'ratio':>8}")

@@ -222,7 +222,7 @@ class _WindowAttn(torch.autograd.Function):
         n = dict(T=t, N=n_keys, P=n_keys - t, H=h, G=h // k.shape[1], W=window)
         blocks = dict(DK=dk, F=f, D=d, BT=bt, BK=pow2(dk), BF=pow2(f), BV=value_block(d))
         fw = fw.float().contiguous()
-        o = torch.empty(b, h, t, d, device=q.device, dtype=v.dtype)
+        o = torch.empty(b, h, t, d, device=q.device, dtype=torch.float32)  # fp32: the backward's dy·y feeds the window factor's gradient, a sum that cancels
         den, mx = (q.new_empty(b, h, t, dtype=torch.float32) for _ in range(2))
         arg = q.new_empty(b, h, t, dtype=torch.int32)
         has_s0 = s0 is not None

@@ -1,0 +1,178 @@
+"""Every GPU check in one command; prints one markdown block for docs/benchmarks.md.
+
+    make gpu-check        # a CUDA machine: the full check (meant to fit in 8 minutes; not yet timed on one)
+    make gpu-check-dry    # any machine, about a minute on 2 cores: tiny shapes, Triton's interpreter
+
+Three parts, each reported in the block (a part that fails says why there and the exit status is 1):
+
+1. Correctness: the kernel tests of every kind (tests/test_ops_{linear,window,gated,delta}.py:
+   forward and every gradient of each Triton kernel on fp32, bf16 and fp16 inputs against the
+   PyTorch reference on the same values in fp64, states and steps), compiled on the GPU, their
+   `gpu` long-sequence cases included; one row per file.
+2. Speed: forward and forward + backward time and peak memory of each kernel beside PyTorch SDPA
+   (flash, causal) and, when `fla` imports, flash-linear-attention's chunk kernels, at
+   T = 2K ... 32K with LLaMA-3-8B's attention shape (32 heads, 8 KV heads, head dim 128; feature
+   dim 64), bf16 (`scripts/bench_kernels.py`'s rows).
+3. Stage 1 end to end: --steps transfer steps of SmolLM2-135M and of a random-weight model of
+   LLaMA-3-8B's shape, bf16, attention=lolcats with attention.sinks=0 (the window kernel has no
+   sinks) on the Triton kernels: tokens per second, peak memory, and the step's time over a
+   teacher forward's (`scripts/bench_transfer.py`'s measure).
+
+--dry-run runs the same code on tiny shapes on the CPU (interpreted kernels, the tiny random
+LLaMA for stage 1): a check that the command works, not a measurement. CI runs it
+(tests/test_gpu_check.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "--dry-run" in sys.argv:  # before anything imports Triton: the kernels then run interpreted
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import importlib  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_kernels  # noqa: E402
+import bench_transfer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# LLaMA-3-8B's shape for the random stage-1 model (its vocabulary too: the logits cost memory)
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                 tie_word_embeddings=False)  # fmt: skip
+
+
+def shapes(dry: bool) -> dict:
+    """The sizes of each part: tiny on a dry run."""
+    if dry:
+        return dict(speed=dict(batch=1, heads=2, kv_heads=1, head_dim=16, feature_dim=16, window=8),
+                    seq_lens=[16], repeats=1, warmup=0, stage1_len=16)  # fmt: skip
+    return dict(speed=dict(batch=1, heads=32, kv_heads=8, head_dim=128, feature_dim=64, window=64),
+                seq_lens=[2048, 4096, 8192, 16384, 32768], repeats=5, warmup=1, stage1_len=2048)  # fmt: skip
+
+
+KERNEL_TESTS = [f"tests/test_ops_{kind}.py" for kind in ("linear", "window", "gated", "delta")]
+
+
+def check_kernels(dry: bool) -> tuple[list[str], bool]:
+    """Part 1: the kernel tests (fp32, bf16, fp16 against the fp64 reference; with CUDA they run
+    compiled, the `gpu` long-sequence cases included), one row per file, and whether all passed.
+    A dry run takes one quick case per file (a single token and the step loops)."""
+    rows, ok = ["| test file | passed | failed | skipped | seconds |", "|---|---:|---:|---:|---:|"], True
+    select = ["-k", "T1 or steps_match"] if dry else []
+    for path in KERNEL_TESTS:
+        start = time.perf_counter()
+        cmd = [sys.executable, "-m", "pytest", path, "-q", "-p", "no:cacheprovider", "-m", "not slow", *select]
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        counts = {w: int(n) for n, w in re.findall(r"(\d+) (passed|failed|skipped|error)", done.stdout)}
+        failed = counts.get("failed", 0) + counts.get("error", 0)
+        ok &= done.returncode == 0 and counts.get("passed", 0) > 0
+        if done.returncode != 0:
+            print(done.stdout[-6000:], done.stderr[-2000:], file=sys.stderr)
+        rows.append(f"| `{path}` | {counts.get('passed', 0)} | {'**' + str(failed) + '**' if failed else 0} | "
+                    f"{counts.get('skipped', 0)} | {time.perf_counter() - start:.0f} |")  # fmt: skip
+    return rows, ok
+
+
+def speed(device: torch.device, sizes: dict) -> tuple[list[str], list[str]]:
+    """Part 2: bench_kernels' table (Triton, SDPA, fla rows) and its notes."""
+    args = SimpleNamespace(**sizes["speed"], dtype="bf16", repeats=sizes["repeats"], warmup=sizes["warmup"])
+    kernels = {kind: importlib.import_module(f"linearize.ops.{kind}.triton") for kind in bench_kernels.REFERENCE}
+    fns, notes = bench_kernels.methods(args, kernels)
+    fns = {k: v for k, v in fns.items() if not k.endswith("-reference")}  # the references are not the point
+    rows = []
+    for t in sizes["seq_lens"]:
+        torch.manual_seed(0)
+        inputs = bench_kernels.make_inputs(args, t, device)
+        for name, fn in fns.items():
+            rows.append({"method": name, "T": t, **bench_kernels.run_one(fn, inputs, device, args)})
+            print(f"  T={t} {name}: {rows[-1]}", file=sys.stderr, flush=True)
+        del inputs
+    s = sizes["speed"]
+    setup = (f"B={s['batch']} H={s['heads']} H_kv={s['kv_heads']} D={s['head_dim']} F={s['feature_dim']} "
+             f"window={s['window']} bf16")  # fmt: skip
+    return [setup, "", bench_kernels.table(rows)], notes
+
+
+def stage1(device: torch.device, dry: bool, steps: int, seq_len: int) -> list[str]:
+    """Part 3: one row per model, or a row saying why it could not run."""
+    backend = ["attention.backend=triton"]
+    models = [("SmolLM2-135M", "smollm2-135m", ["model.dtype=bfloat16"])]
+    big = [f"+model.architecture.{k}={v}" if k == "vocab_size" else f"model.architecture.{k}={v}" for k, v in LLAMA3_8B.items()]
+    models.append(("random LLaMA-3-8B shape", "tiny-llama", ["model.dtype=bfloat16", "model.name=llama3-8b-shape", *big]))
+    if dry:  # the tiny random LLaMA twice: the code path, in seconds
+        models = [("tiny-llama (dry run)", "tiny-llama", []), ("tiny-llama, gated DeltaNet (dry run)", "tiny-llama", [])]
+    rows = ["| model | attention | tokens | stage-1 tokens/s | step / teacher forward | peak MiB (teacher, step) |",
+            "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for (label, model, overrides), attention in zip(models, ["lolcats", "gated_deltanet" if dry else "lolcats"]):
+        sinks = ["attention.sinks=0"] if attention == "lolcats" else []  # the window kernel has no sinks
+        try:
+            cfg = bench_transfer.compose_config(model, attention, [*overrides, *sinks, *backend])
+            net = bench_transfer.load_teacher(cfg.model, cache_dir=cfg.cache_dir, device=device)
+            ids = torch.randint(0, net.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+            r = bench_transfer.stage1_cost(cfg, net, ids.to(device), device, steps)
+            rows.append(f"| {label} | {attention} | {seq_len} | {r['tokens_per_s']:,.0f} | {r['time_ratio']:.2f} | "
+                        f"{r['teacher_peak_mib']:,.0f}, {r['transfer_peak_mib']:,.0f} |")  # fmt: skip
+            del net
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - reported in the block, and the exit status
+            traceback.print_exc()
+            rows.append(f"| {label} | {attention} | {seq_len} | **failed**: {type(e).__name__}: {str(e)[:200]} | | |")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, interpreted kernels (seconds)")
+    p.add_argument("--steps", type=int, default=20, help="stage-1 steps (and teacher forwards) per model")
+    p.add_argument("--parts", nargs="+", default=["check", "speed", "stage1"], choices=["check", "speed", "stage1"])
+    args = p.parse_args()
+    if args.dry_run:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        sys.exit("gpu_check: no CUDA device here; run `make gpu-check` on a GPU machine, or "
+                 "`scripts/gpu_check.py --dry-run` for the seconds-long CPU check of the command")  # fmt: skip
+    sizes = shapes(args.dry_run)
+    start = time.perf_counter()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores), dry run"
+    import triton
+
+    out = [f"### GPU check: {where}", "",
+           f"{datetime.date.today()}; torch {torch.__version__}, triton {triton.__version__}; `make gpu-check`", ""]  # fmt: skip
+    ok = True
+    if "check" in args.parts:
+        rows, passed = check_kernels(args.dry_run)
+        ok &= passed
+        where_run = "interpreted, one quick case per file" if args.dry_run else "compiled"
+        out += [f"Kernel tests ({where_run}): forward and every gradient against the fp64 reference:", "", *rows, ""]
+    if "speed" in args.parts:
+        rows, notes = speed(device, sizes)
+        out += ["Forward and forward + backward, median ms and peak MiB above the inputs:", "", *rows, ""]
+        out += [f"- {n}" for n in notes] + ([""] if notes else [])
+    if "stage1" in args.parts:
+        steps = 2 if args.dry_run else args.steps
+        rows = stage1(device, args.dry_run, steps, sizes["stage1_len"])
+        ok &= not any("**failed**" in r for r in rows)
+        out += [f"Stage 1, {steps} transfer steps per model (batch 1), bf16 unless a dry run:", "", *rows, ""]
+    out.append(f"Total {time.perf_counter() - start:.0f} s; {'every check passed' if ok else '**a check FAILED**'}.")
+    print("\n".join(out))
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

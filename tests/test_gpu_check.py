@@ -1,0 +1,31 @@
+"""`make gpu-check`'s dry run (scripts/gpu_check.py --dry-run): the GPU check command runs on the
+CPU on tiny shapes, interpreted, and prints its three parts with every kernel and both stage-1
+rows, so the command keeps working between GPU sessions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_reports_every_part():
+    cmd = [sys.executable, "scripts/gpu_check.py", "--dry-run"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    block = out.stdout
+    assert block.startswith("### GPU check: CPU"), block[:200]
+    for path in ("test_ops_linear", "test_ops_window", "test_ops_gated", "test_ops_delta"):
+        row = next(line for line in block.splitlines() if path in line)
+        passed, failed = (int(c) for c in row.split("|")[2:4])
+        assert passed > 0 and failed == 0, row
+    for method in ("sdpa-softmax", "linear-triton", "window-triton", "gated-triton", "delta-triton", "gated_delta-triton"):
+        assert f"| {method} | 16 |" in block, method
+    stage1 = [line for line in block.splitlines() if line.startswith("| tiny-llama")]
+    assert len(stage1) == 2 and not any("failed" in line for line in stage1), stage1
+    assert "every check passed" in block
