@@ -54,6 +54,12 @@ ROWS = [
         "attention.keep_softmax=2"], ["transfer", "finetune"]),  # fmt: skip
     Row("supra-uptrain", "supra, uptrain (all weights)", ["recipe=supra"], ["uptrain"]),
     Row("supra-transfer", "supra, transfer + LoRA", ["attention=supra"], ["transfer", "finetune"]),
+    Row("deltanet", "deltanet, transfer + LoRA", ["attention=deltanet"], ["transfer", "finetune"]),
+    Row("gated-deltanet", "gated deltanet, transfer + LoRA", ["attention=gated_deltanet"], ["transfer", "finetune"]),
+    Row("deltanet-window", "deltanet + window 64, transfer + LoRA", ["attention=deltanet", "attention.window=64"],
+        ["transfer", "finetune"]),  # fmt: skip
+    Row("gated-deltanet-window", "gated deltanet + window 64, transfer + LoRA",
+        ["attention=gated_deltanet", "attention.window=64"], ["transfer", "finetune"]),  # fmt: skip
 ]
 
 
