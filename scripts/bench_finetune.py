@@ -30,36 +30,25 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchlib import PeakMemory, release_freed_memory, timed  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
+from benchlib import PeakMemory, compose_config, model_arguments, release_freed_memory, timed  # noqa: E402
 
-from linearize.config import OBJECTIVES, register_configs, validate  # noqa: E402
+from linearize.config import OBJECTIVES  # noqa: E402
 from linearize.models.convert import build_adapter  # noqa: E402
 from linearize.models.load import load_teacher, resolve_device  # noqa: E402
 from linearize.attention.hooks import set_mode  # noqa: E402
 from linearize.models.swap import swap_attention  # noqa: E402
 from linearize.train.objectives import NextTokenObjective, make_objective  # noqa: E402
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="a configs/model name")
-    parser.add_argument("--attention", default="lolcats", help="a configs/attention name")
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=1)
+    model_arguments(parser)
     parser.add_argument("--objectives", nargs="+", default=["ntp", "kd"], choices=OBJECTIVES)
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. adapter.r=16")
     args = parser.parse_args()
 
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        cfg = validate(compose("config", overrides=[f"model={args.model}", f"attention={args.attention}",
-                                                    "stage=finetune", *args.overrides]))  # fmt: skip
+    cfg = compose_config(args.model, args.attention, ["stage=finetune", *args.overrides])
     device = resolve_device(args.device)
     model = load_teacher(cfg.model, cache_dir=cfg.cache_dir, device=device)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len),

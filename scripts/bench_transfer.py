@@ -27,23 +27,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchlib import PeakMemory, timed  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
+from benchlib import PeakMemory, compose_config, model_arguments, timed  # noqa: E402
 
-from linearize.config import register_configs, validate  # noqa: E402
 from linearize.models.load import load_teacher, resolve_device  # noqa: E402
 from linearize.attention.hooks import attention_layers, set_mode  # noqa: E402
 from linearize.models.swap import swap_attention  # noqa: E402
 from linearize.train.transfer import TransferObjective  # noqa: E402
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def compose_config(model: str, attention: str, overrides: list[str]):
-    """The validated run config of ``model=<model> attention=<attention> <overrides>``."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        return validate(compose("config", overrides=[f"model={model}", f"attention={attention}", *overrides]))
 
 
 def stage1_cost(cfg, model, ids: torch.Tensor, device: torch.device, repeats: int) -> dict:
@@ -97,12 +86,7 @@ def stage1_cost(cfg, model, ids: torch.Tensor, device: torch.device, repeats: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="a configs/model name")
-    parser.add_argument("--attention", default="lolcats", help="a configs/attention name")
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
-    parser.add_argument("--device", default="auto")
+    model_arguments(parser)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. attention.chunk_size=256")
     args = parser.parse_args()

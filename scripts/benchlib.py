@@ -1,9 +1,12 @@
-"""Measuring helpers shared by the benchmark scripts: peak memory and wall time of a call."""
+"""Helpers shared by the benchmark scripts: peak memory and wall time of a call, the model and
+attention arguments and the run config they compose."""
 
 from __future__ import annotations
 
+import argparse
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -79,3 +82,27 @@ def release_freed_memory(device: torch.device) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc: nothing to trim
         pass
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --attention, --seq-len, --batch, --repeats, --device: what every model benchmark takes."""
+    parser.add_argument("--model", default="smollm2-135m", help="a configs/model name")
+    parser.add_argument("--attention", default="lolcats", help="a configs/attention name")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up")
+    parser.add_argument("--device", default="auto")
+
+
+def compose_config(model: str, attention: str, overrides: list[str]):
+    """The validated run config of ``model=<model> attention=<attention> <overrides>``."""
+    from hydra import compose, initialize_config_dir
+
+    from linearize.config import register_configs, validate
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return validate(compose("config", overrides=[f"model={model}", f"attention={attention}", *overrides]))

@@ -46,6 +46,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_kernels  # noqa: E402
 import bench_transfer  # noqa: E402
+from benchlib import compose_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # LLaMA-3-8B's shape for the random stage-1 model (its vocabulary too: the logits cost memory)
@@ -119,7 +120,7 @@ def stage1(device: torch.device, dry: bool, steps: int, seq_len: int) -> list[st
     for (label, model, overrides), attention in zip(models, ["lolcats", "gated_deltanet" if dry else "lolcats"]):
         sinks = ["attention.sinks=0"] if attention == "lolcats" else []  # the window kernel has no sinks
         try:
-            cfg = bench_transfer.compose_config(model, attention, [*overrides, *sinks, *backend])
+            cfg = compose_config(model, attention, [*overrides, *sinks, *backend])
             net = bench_transfer.load_teacher(cfg.model, cache_dir=cfg.cache_dir, device=device)
             ids = torch.randint(0, net.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
             r = bench_transfer.stage1_cost(cfg, net, ids.to(device), device, steps)
