@@ -155,10 +155,16 @@ def collect(row: Row, args) -> dict:
     result = run_dir / "transfer" / "result.json"
     if result.is_file():
         r = json.loads(result.read_text())
-        linear = [r["val_mse_per_layer"][str(i)] for i in r["swapped"]]
-        out["transfer_mse"] = sum(linear) / len(linear)  # over the layers left linear
+        out["transfer_mse"] = transfer_mse(r)
         out["kept_softmax"] = r["kept_softmax"]
     return out
+
+
+def transfer_mse(result: dict) -> float:
+    """The mean final stage-1 validation MSE over the layers left linear, from a transfer stage's
+    result.json."""
+    linear = [result["val_mse_per_layer"][str(i)] for i in result["swapped"]]
+    return sum(linear) / len(linear)
 
 
 def table(rows: list[dict]) -> str:

@@ -67,3 +67,33 @@ def test_rerunning_one_row_keeps_the_others_from_a_table_of_the_same_budget(tmp_
     other = rs.parse_args(["--out", str(tmp_path), "--json", str(table), "--rows", "liger", "--steps", "8"])
     with pytest.raises(SystemExit, match="another budget"):
         rs.merge([new], table, other)
+
+
+cd_spec = importlib.util.spec_from_file_location("choose_delta", ROOT / "scripts" / "choose_delta.py")
+cd = importlib.util.module_from_spec(cd_spec)
+cd_spec.loader.exec_module(cd)
+
+
+@pytest.mark.parametrize("name", list(cd.CANDIDATES))
+def test_each_delta_candidate_is_a_transfer_run_on_the_tables_budget(name, tmp_path):
+    a = cd.parse_args(["--out", str(tmp_path)])
+    cfg = build_config("stage=transfer", "model=smollm2-135m", *cd.CANDIDATES[name], *cd.budget(a))
+    preflight(cfg)
+    assert cfg.attention.kind == "delta" and cfg.attention.window == 0
+    assert cfg.attention.gated == name.startswith("gated")
+    assert (cfg.attention.feature_map, cfg.attention.delta_rates) == tuple(name.split("-")[-2:])
+    table_args = args(tmp_path)  # the results table's stage-1 budget, so the MSEs compare
+    assert cd.budget(a) == rs.budget(table_args)
+
+
+def test_delta_candidates_rank_by_mean_mse_over_the_linear_layers(tmp_path):
+    for name, per_layer, swapped in (("deltanet-t2r-proj", {"0": 0.3, "1": 0.1, "2": 9.0}, [0, 1]),
+                                     ("deltanet-identity-proj", {"0": 0.2, "1": 0.1}, [0, 1])):  # fmt: skip
+        (tmp_path / name / "transfer").mkdir(parents=True)
+        result = {"val_mse_per_layer": per_layer, "swapped": swapped}
+        (tmp_path / name / "transfer" / "result.json").write_text(rs.json.dumps(result))
+    rows = [cd.figures(n, tmp_path / n) for n in ("deltanet-t2r-proj", "deltanet-identity-proj")]
+    assert [r["mean_mse"] for r in rows] == pytest.approx([0.2, 0.15])  # layer 2 kept softmax: not counted
+    assert (rows[0]["worst_layer"], rows[0]["worst_mse"]) == (0, 0.3)
+    lines = cd.table(rows).splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["deltanet-identity-proj", "deltanet-t2r-proj"]
