@@ -22,6 +22,7 @@ from tests.ops_testing import (
     import_kernels,
     kernels_fixture,
     linear_inputs,
+    window_inputs,
 )
 
 if not HAS_TRITON:
@@ -159,3 +160,22 @@ def test_kernels_compile_for_a_gpu():
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
     assert out.stdout.count("compiled") == 20, out.stdout
+
+
+def test_window_kernel_is_never_dispatched_on_cuda(monkeypatch):
+    """The compiled window kernel was wrong on an H200 (docs/kernels.md): on CUDA ``auto`` takes
+    the reference and ``triton`` is an error naming why, before any kernel runs."""
+    cuda = torch.device("cuda")
+    assert ops._window_backend("auto", cuda) == "reference"
+    assert ops._window_backend("reference", cuda) == "reference"
+    with pytest.raises(ops.BackendUnavailableError, match=r"window attention on CUDA.*wrong outputs.*backend=auto"):
+        ops._window_backend("triton", cuda)
+    assert ops._window_backend("triton", torch.device("cpu")) == "triton"  # interpreted: still tested
+    assert ops._window_backend("auto", torch.device("cpu")) == "auto"
+    # the op itself asks the guard, and with the answer for CUDA it runs the reference
+    real, seen = ops._window_backend, []
+    monkeypatch.setattr(ops, "_window_backend", lambda b, d: seen.append((b, d.type)) or real(b, cuda))
+    monkeypatch.setattr(ops, "_kernels", lambda kind: pytest.fail(f"the {kind} kernels were dispatched"))
+    x = window_inputs(1, 2, 2, 9, 16, 8, 16)
+    y = ops.window_attn(**x, window=4, scale=0.25, backend="auto")
+    assert seen == [("auto", "cpu")] and y.shape == (1, 2, 9, 16)

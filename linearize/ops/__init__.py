@@ -152,6 +152,33 @@ def _sinks_backend(backend: str, sinks: int) -> str:
     return "reference"
 
 
+# The window kernel's chunked forward, compiled for a GPU (H200, Triton 3.6.0, 2026-12-04:
+# `make gpu-check`), is wrong past the first block on long sequences (max |diff| 0.54 against the
+# fp64 reference, in fp32 too) while it matches the reference under Triton's interpreter. Until it
+# is found and fixed, the dispatch never runs it on CUDA: a wrong attention is worse than a slow one.
+WINDOW_KERNEL_REFUSED = (
+    "the window attention's Triton kernel gave wrong outputs compiled on a GPU (docs/kernels.md, "
+    "known limits)"
+)
+
+
+def _window_backend(backend: str, device: torch.device) -> str:
+    """The backend for the window op's chunked form on ``device``: on CUDA ``auto`` takes the
+    reference (logged once) and ``triton`` is an error, while the compiled kernel is refused."""
+    if device.type != "cuda" or backend == "reference":
+        return backend
+    if backend == "triton":
+        raise BackendUnavailableError(
+            f"attention.backend=triton cannot run the window attention on CUDA: {WINDOW_KERNEL_REFUSED}. "
+            "Use attention.backend=auto or reference (the PyTorch forms)"
+        )
+    if "window-kernel" not in _said_why:
+        _said_why.add("window-kernel")
+        log.warning("attention.backend=auto runs the window attention's PyTorch reference on %s: %s",
+                    device, WINDOW_KERNEL_REFUSED)  # fmt: skip
+    return "reference"
+
+
 def window_attn(
     q: Tensor, k: Tensor, v: Tensor, fq: Tensor, fk: Tensor, *, window: int,
     window_factor: Tensor, scale: float, eps: float = 1e-6, chunk_size: int = 64,
@@ -160,7 +187,8 @@ def window_attn(
 ) -> Tensor | tuple[Tensor, WindowState]:  # fmt: skip
     """LoLCATs hybrid: softmax over the last ``window`` keys and the first ``sinks``, linear over
     the others; see ``window.reference``."""
-    return _impl("window", _sinks_backend(backend, sinks), q.device).window_attn_chunked(
+    backend = _window_backend(_sinks_backend(backend, sinks), q.device)
+    return _impl("window", backend, q.device).window_attn_chunked(
         q, k, v, fq, fk, window=window, window_factor=window_factor, scale=scale,
         chunk_size=chunk_size, eps=eps, initial_state=initial_state,
         output_final_state=output_final_state, **({"sinks": sinks} if sinks else {}),
