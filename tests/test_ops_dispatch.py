@@ -166,15 +166,16 @@ def test_window_kernel_is_never_dispatched_on_cuda(monkeypatch):
     """The compiled window kernel was wrong on an H200 (docs/kernels.md): on CUDA ``auto`` takes
     the reference and ``triton`` is an error naming why, before any kernel runs."""
     cuda = torch.device("cuda")
-    assert ops._window_backend("auto", cuda) == "reference"
-    assert ops._window_backend("reference", cuda) == "reference"
+    assert ops._window_backend("auto", 0, cuda) == "reference"
+    assert ops._window_backend("reference", 0, cuda) == "reference"
     with pytest.raises(ops.BackendUnavailableError, match=r"window attention on CUDA.*wrong outputs.*backend=auto"):
-        ops._window_backend("triton", cuda)
-    assert ops._window_backend("triton", torch.device("cpu")) == "triton"  # interpreted: still tested
-    assert ops._window_backend("auto", torch.device("cpu")) == "auto"
+        ops._window_backend("triton", 0, cuda)
+    assert ops._window_backend("triton", 0, torch.device("cpu")) == "triton"  # interpreted: still tested
+    assert ops._window_backend("triton", 0, cuda, step=True) == "triton"  # the step passed compiled
+    assert ops._window_backend("auto", 0, torch.device("cpu")) == "auto"
     # the op itself asks the guard, and with the answer for CUDA it runs the reference
     real, seen = ops._window_backend, []
-    monkeypatch.setattr(ops, "_window_backend", lambda b, d: seen.append((b, d.type)) or real(b, cuda))
+    monkeypatch.setattr(ops, "_window_backend", lambda b, n, d: seen.append((b, d.type)) or real(b, n, cuda))
     monkeypatch.setattr(ops, "_kernels", lambda kind: pytest.fail(f"the {kind} kernels were dispatched"))
     x = window_inputs(1, 2, 2, 9, 16, 8, 16)
     y = ops.window_attn(**x, window=4, scale=0.25, backend="auto")
