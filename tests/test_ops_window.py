@@ -184,6 +184,9 @@ WINDOW = {  # b, h, h_kv, t, dk, f, d, window, chunk, cached
     "T50-hd128-F64-W16": (1, 2, 2, 50, 128, 64, 128, 16, 64, None),
     "T45-cache7-gqa": (1, 4, 2, 45, 24, 16, 40, 12, 16, 7),
     "T20-cache-full-W64": (1, 2, 2, 20, 16, 16, 16, 64, 32, 63),
+    # keys leave the window into the state block after block (the cases that failed compiled did)
+    "T150-gqa-W20-C16": (1, 4, 2, 150, 24, 16, 40, 20, 16, None),
+    "T90-cache11-gqa-W12-C16": (1, 4, 2, 90, 24, 16, 24, 12, 16, 11),
 }
 
 

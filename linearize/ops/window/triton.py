@@ -36,6 +36,20 @@ from linearize.ops.triton_common import (
 from linearize.ops.window.reference import WindowState, _check_window, _mix_factor, _window_state
 
 
+@triton.jit
+def _old_before(c0, W, BT: tl.constexpr):
+    """Keys before this position are old (linear) for every query of the block at c0. Per block
+    it grows by 0 or BT, so each block adds at most one key block to the state."""
+    return (tl.maximum(c0 - W + 1, 0) // BT) * BT
+
+
+@triton.jit
+def _add_keys(s, z, fk, v, cols, N, rf, F, rv, D, DT: tl.constexpr):
+    """(S, z) plus the keys at cols (those outside [0, N) add nothing)."""
+    bfk, bv = tile(fk, cols, N, rf, F, F), tile(v, cols, N, rv, D, D)
+    return s + mm(tl.trans(bfk), bv, DT), z + tl.sum(bfk.to(tl.float32), 0)
+
+
 @triton.jit(do_not_specialize=["T", "N", "P", "W"])
 def _fwd(q, k, v, fq, fk, fw, s0, z0, o, den, mx, arg, T, N, P, H, G, W, scale, eps,
          DK: tl.constexpr, F: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -53,14 +67,10 @@ def _fwd(q, k, v, fq, fk, fw, s0, z0, o, den, mx, arg, T, N, P, H, G, W, scale, 
     if HAS_S0:
         s += tile(s0 + bh * F * D, rf, F, rv, D, D)
         z += tl.load(z0 + bh * F + rf, mask=rf < F, other=0.0)
-    lo = tl.program_id(1) * 0  # keys before lo are in (s, z)
+    # a cache holds < W keys (P < W), so none is old for the first query block
     for c0 in range((P // BT) * BT, N, BT):  # query blocks, in sequence positions
-        hi = (tl.maximum(c0 - W + 1, 0) // BT) * BT  # keys before hi are old for every query here
-        for kb in range(lo, hi, BT):
-            bfk, bv = tile(fk, kb + rt, N, rf, F, F), tile(v, kb + rt, N, rv, D, D)
-            s += mm(tl.trans(bfk), bv, DT)
-            z += tl.sum(bfk.to(tl.float32), 0)
-        lo = hi
+        hi = _old_before(c0, W, BT)  # keys before hi are old for every query here
+        s, z = _add_keys(s, z, fk, v, hi - BT + rt, N, rf, F, rv, D, DT)  # the block that just became old
         rows = c0 + rt
         bq, bfq = tile(q, rows - P, T, rk, DK, DK), tile(fq, rows - P, T, rf, F, F)
         m = tl.full([BT], float("-inf"), dtype=tl.float32)
@@ -113,14 +123,9 @@ def _bwd_dq(q, k, v, fq, fk, fw, s0, z0, do, den, delta, mx, dq, dfq, sw, r, T, 
     if HAS_S0:
         s += tile(s0 + bh * F * D, rf, F, rv, D, D)
         z += tl.load(z0 + bh * F + rf, mask=rf < F, other=0.0)
-    lo = tl.program_id(1) * 0
     for c0 in range((P // BT) * BT, N, BT):
-        hi = (tl.maximum(c0 - W + 1, 0) // BT) * BT
-        for kb in range(lo, hi, BT):
-            bfk, bv = tile(fk, kb + rt, N, rf, F, F), tile(v, kb + rt, N, rv, D, D)
-            s += mm(tl.trans(bfk), bv, DT)
-            z += tl.sum(bfk.to(tl.float32), 0)
-        lo = hi
+        hi = _old_before(c0, W, BT)
+        s, z = _add_keys(s, z, fk, v, hi - BT + rt, N, rf, F, rv, D, DT)  # the block that just became old
         rows = c0 + rt
         qm = (rows >= P) & (rows < N)
         bq, bfq = tile(q, rows - P, T, rk, DK, DK), tile(fq, rows - P, T, rf, F, F)
@@ -171,20 +176,19 @@ def _bwd_dkv(q, k, v, fq, fk, fw, do, den, delta, mx, dk, dfk, dv, T, N, P, H, G
     ds = tl.zeros([BF, BV], dtype=tl.float32)  # Σ fqᵀ dN over queries for which every key here is old
     dz = tl.zeros([BF], dtype=tl.float32)
     n_blocks = tl.cdiv(N, BT)
-    top = n_blocks * BT  # queries from top on are in (ds, dz)
     for n in range(0, n_blocks):
         c0 = (n_blocks - 1 - n) * BT  # this key block
+        # queries from up on see every key here as old; up falls by 0 or BT per block, so the
+        # query block [up, up + BT) is the one new to (ds, dz) (none while up is the end: masked)
         up = tl.minimum(tl.cdiv(c0 + BT - 1 + W, BT) * BT, n_blocks * BT)
-        for qb in range(up, top, BT):
-            rows = qb + rt
-            qm = (rows >= P) & (rows < N)
-            rden = 1.0 / tl.load(den + rows - P, mask=qm, other=1.0)
-            dn = tile(do, rows - P, T, rv, D, D).to(tl.float32) * rden[:, None]
-            dd = -tl.load(delta + rows - P, mask=qm, other=0.0) * rden
-            bfq = tile(fq, rows - P, T, rf, F, F)
-            ds += mm(tl.trans(bfq), dn, DT)
-            dz += tl.sum(bfq.to(tl.float32) * dd[:, None], 0)
-        top = up
+        rows = up + rt
+        qm = (rows >= P) & (rows < N)
+        rden = 1.0 / tl.load(den + rows - P, mask=qm, other=1.0)
+        dn = tile(do, rows - P, T, rv, D, D).to(tl.float32) * rden[:, None]
+        dd = -tl.load(delta + rows - P, mask=qm, other=0.0) * rden
+        bfq = tile(fq, rows - P, T, rf, F, F)
+        ds += mm(tl.trans(bfq), dn, DT)
+        dz += tl.sum(bfq.to(tl.float32) * dd[:, None], 0)
         cols = c0 + rt
         bk, bv, bfk = tile(k, cols, N, rk, DK, DK), tile(v, cols, N, rv, D, D), tile(fk, cols, N, rf, F, F)
         gk = tl.zeros([BT, BK], dtype=tl.float32)
