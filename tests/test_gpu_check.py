@@ -1,6 +1,8 @@
 """`make gpu-check`'s dry run (scripts/gpu_check.py --dry-run): the GPU check command runs on the
 CPU on tiny shapes, interpreted, and prints its three parts with every kernel and both stage-1
-rows, so the command keeps working between GPU sessions."""
+rows, so the command keeps working between GPU sessions; the window kernel's diagnosis script
+runs; the window kernels compile for a GPU (sm_90, on the CPU) with no scalar carried through a
+loop (scripts/compiled_loops.py)."""
 
 from __future__ import annotations
 
@@ -42,3 +44,16 @@ def test_window_diagnosis_runs_interpreted():
     lines = [line for line in out.stdout.splitlines() if "kernel-vs-ref" in line]
     assert len(lines) == 3 and "ERROR" not in out.stdout, out.stdout
     assert all("first bad t None; bad rows 0;" in line for line in lines), out.stdout
+
+
+@pytest.mark.slow
+def test_window_kernels_compile_for_a_gpu_without_a_carried_scalar():
+    """Compiled for sm_90 here (no GPU needed), no window kernel carries a scalar through a loop:
+    the pattern Triton 3.4-3.7 miscompile, which made the window kernel wrong on an H200."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "scripts/compiled_loops.py", "--check"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    kernels = [line for line in out.stdout.splitlines() if "TTIR loops" in line]
+    assert len(kernels) == 10, out.stdout  # fwd, dq with and without a state, dkv; fp32 and bf16
+    assert "repro: this Triton" in out.stdout, out.stdout

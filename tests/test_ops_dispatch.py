@@ -168,7 +168,7 @@ def test_window_kernel_is_never_dispatched_on_cuda(monkeypatch):
     cuda = torch.device("cuda")
     assert ops._window_backend("auto", 0, cuda) == "reference"
     assert ops._window_backend("reference", 0, cuda) == "reference"
-    with pytest.raises(ops.BackendUnavailableError, match=r"window attention on CUDA.*wrong outputs.*backend=auto"):
+    with pytest.raises(ops.BackendUnavailableError, match=r"window attention on CUDA.*miscompiled.*not yet verified.*backend=auto"):
         ops._window_backend("triton", 0, cuda)
     assert ops._window_backend("triton", 0, torch.device("cpu")) == "triton"  # interpreted: still tested
     assert ops._window_backend("triton", 0, cuda, step=True) == "triton"  # the step passed compiled

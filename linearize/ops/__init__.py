@@ -143,8 +143,8 @@ def linear_attn_step(
 # is found and fixed, the dispatch never runs it on CUDA: a wrong attention is worse than a slow one.
 # Its one-token step passed compiled and stays in use.
 WINDOW_KERNEL_REFUSED = (
-    "the window attention's Triton kernel gave wrong outputs compiled on a GPU (docs/kernels.md, "
-    "known limits)"
+    "the window attention's Triton kernel was miscompiled on a GPU (Triton 3.4-3.7), and its rewrite "
+    "that avoids the cause is not yet verified on one (docs/kernels.md, known limits)"
 )
 
 
